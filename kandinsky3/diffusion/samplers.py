@@ -1,0 +1,348 @@
+"""Samplers as pure functions over an ε-predicting denoiser (SPEC §5.5–§5.8; STYLE §3, §5 habits 5, 6, 14).
+
+Every sampler has the leading signature
+
+    sampler(denoiser, x, timesteps, alphas_cumprod, *, generator=None, callback=None, progress=None, ...) -> x
+
+* ``denoiser(x_t, t) -> ε̂`` — see ``guidance.Denoiser``; CFG and conditioning are already bound.
+* ``x`` — (B, C, H, W) start latent (pure noise for text-to-image, ``q_sample`` output for img2img). The loop
+  runs in x's dtype; schedule arithmetic runs in fp32 (fp64 if x is fp64) and is moved to x's device once.
+* ``timesteps`` — descending ints (list, tuple or 1-D tensor) from the builders in ``schedule.py``.
+* ``alphas_cumprod`` — the (T,) ᾱ table (``cosine_alphas_cumprod()``).
+* ``generator`` — the only source of randomness (STYLE habit 6). Noise is drawn like diffusers' ``randn_tensor``:
+  ``torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype)`` then moved to x's device, so a CPU
+  generator gives the same numbers on any device; a list of B generators draws sample by sample.
+* ``callback(info)`` — called once per step with ``{"step": i, "t": t, "x": x_t, "x0": x̂₀}`` (x_t is the
+  step's input; observe only). ``progress`` — an iterable wrapper such as ``tqdm`` (the library shows none).
+
+Notation (SPEC §5; Ho et al. 2020 "DDPM"; Song et al. 2021 "DDIM"; Lu et al. 2022 "DPM-Solver++")
+
+    code        symbol                  meaning
+    a, a_prev   ᾱ_t, ᾱ_prev             cumulative product of alphas at t and at the step's target
+    eps         ε̂                       predicted noise (guided)
+    x0          x̂₀                      predicted clean latent, after the optional ``x0_transform``
+    sigma       σ                       std of the fresh noise added by an ancestral step
+    alpha, sig  α_t = √ᾱ_t, σ_t = √(1−ᾱ_t)   VP marginal coefficients (DPM-Solver notation)
+    lam         λ_t = log(α_t/σ_t)      half log-SNR; h = λ_prev − λ_t is the step size
+    z           z ~ N(0, I)             fresh Gaussian noise
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from .guidance import Denoiser, hard_clip
+from .schedule import FLASH_TIMESTEPS, check_timesteps, dpm_solver_timesteps, leading_timesteps, original_timesteps
+
+GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
+X0Transform = Callable[[torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], None]
+Progress = Callable[[Iterable], Iterable]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _randn_like(x: torch.Tensor, generator: GeneratorLike) -> torch.Tensor:
+    """z ~ N(0, I) shaped like x, drawn on the generator's device (diffusers ``randn_tensor`` convention)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([_randn_like(x[i : i + 1], g) for i, g in enumerate(generator)])
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _schedule(alphas_cumprod: torch.Tensor, x: torch.Tensor, timesteps, final: float | None):
+    """Validate timesteps and gather (ᾱ_t, ᾱ_prev) once, on x's device, for every step.
+
+    ᾱ_prev of step i is ᾱ at the next list entry; for the last step it is ``final`` (1.0 = "to the data",
+    or e.g. ᾱ_0) — or ᾱ[0] when ``final`` is None.
+    """
+    ts = check_timesteps(timesteps, alphas_cumprod.shape[0])
+    ac = alphas_cumprod.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    a = ac[ts]  # (n,)
+    last = ac[:1] if final is None else torch.full((1,), final, dtype=ac.dtype, device=ac.device)
+    a_prev = torch.cat([a[1:], last])  # (n,)
+    return ts, a, a_prev
+
+
+def _steps(n: int, progress: Progress | None) -> Iterable[int]:
+    return range(n) if progress is None else progress(range(n))
+
+
+def _t_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
+
+
+def _identity(x0: torch.Tensor) -> torch.Tensor:
+    return x0
+
+
+def _alpha_sigma(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t)), computed through the VE noise level s = √((1−ᾱ)/ᾱ) as α = 1/√(s²+1),
+    σ = s·α — the route diffusers' DPM-Solver takes. At t = 999, x̂₀ = (x_t − σ_t ε̂)/α_t amplifies a 1-ulp
+    difference in σ_t by 1/α_t ≈ 2·10⁴, so matching diffusers in fp32 needs the identical arithmetic.
+    """
+    s = ((1 - a) / a).sqrt()
+    alpha = 1 / (s**2 + 1).sqrt()
+    return alpha, s * alpha
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sample_original(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    x0_transform: X0Transform | None = hard_clip,
+    generator: GeneratorLike = None,
+    callback: Callback | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Kandinsky 3.1 sampler (SPEC §5.5): DDIM-form update with thresholded x̂₀ and re-derived ε̂.
+
+    Each step goes t → t_prev (the next entry; 0 after the last), so the last step targets ᾱ_0 = 0.999959
+    (not 1) and returns that step's mean. ``eta`` sits INSIDE the square root of σ: eta = 1 (default) is
+    ancestral DDPM with skipped steps, eta = 0 deterministic DDIM, otherwise DDIM's η = √eta.
+    ``x0_transform`` defaults to ``hard_clip`` (the original without a percentile); the pipelines pass
+    ``partial(dynamic_threshold, percentile=0.99)`` (T2I) or 0.95 (inpainting); None disables it.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    transform = x0_transform or _identity
+    ts, a_all, a_prev_all = _schedule(alphas_cumprod, x, timesteps, final=None)
+    t_prev_all = ts[1:] + [0]
+    for i in _steps(len(ts), progress):
+        a, a_prev = a_all[i], a_prev_all[i]
+        # 1. Guided ε̂ and x̂₀ = (x_t − √(1−ᾱ_t)ε̂)/√ᾱ_t (SPEC §5.2, §5.4 step 1).
+        eps = denoiser(x, _t_batch(ts[i], x))
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        # 2. Threshold x̂₀, then recompute ε̂ = (x_t − √ᾱ_t x̂₀)/√(1−ᾱ_t) from it (SPEC §5.4 steps 2–4).
+        x0 = transform(x0)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        if callback is not None:
+            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
+        # 3. σ = √(eta·(1 − ᾱ_t/ᾱ_prev)·(1 − ᾱ_prev)/(1 − ᾱ_t)) (SPEC §5.5; DDIM eq. 16 with η² = eta).
+        sigma = (eta * (1 - a / a_prev) * (1 - a_prev) / (1 - a)).sqrt()
+        # 4. mean = √ᾱ_prev x̂₀ + √(1 − ᾱ_prev − σ²) ε̂ (DDIM eq. 12). The clamp only guards fp rounding into
+        #    negatives for huge jumps (e.g. one 999 → 0 step), where the original would produce NaN.
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        # 5. Ancestral noise, except on the step that lands on t_prev = 0 (the returned latent is the mean).
+        if eta > 0 and t_prev_all[i] != 0:
+            x = x + sigma * _randn_like(x, generator)
+    return x
+
+
+def sample_ddpm(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    x0_transform: X0Transform | None = hard_clip,
+    generator: GeneratorLike = None,
+    callback: Callback | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Strided ancestral DDPM, diffusers ``DDPMScheduler`` semantics (SPEC §5.8; Ho et al. 2020 eqs. 6–7).
+
+    Pass ``leading_timesteps(n)`` for the kandinsky-community config (``clip_sample=True``, ``steps_offset=1``,
+    ``variance_type="fixed_small"``). The previous timestep is the next entry and ᾱ_prev = 1 after the last.
+    x̂₀ goes through ``x0_transform`` (default ``hard_clip`` = ``clip_sample``; None = no clipping).
+    Noise σ·z with σ² = (1−ᾱ_prev)/(1−ᾱ_t)·(1 − ᾱ_t/ᾱ_prev) is added on every step but the last, where
+    σ = 0. (diffusers still draws a z there when t > 0 and adds √1e-20·z = 1e-10·z; we draw nothing.)
+    """
+    transform = x0_transform or _identity
+    ts, a_all, a_prev_all = _schedule(alphas_cumprod, x, timesteps, final=1.0)
+    for i in _steps(len(ts), progress):
+        a, a_prev = a_all[i], a_prev_all[i]
+        beta = 1 - a / a_prev  # β_t of the strided jump
+        eps = denoiser(x, _t_batch(ts[i], x))
+        # 1. x̂₀ from ε̂ (DDPM eq. 15), clipped/thresholded.
+        x0 = transform((x - (1 - a).sqrt() * eps) / a.sqrt())
+        if callback is not None:
+            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
+        # 2. Posterior mean μ̃ = √ᾱ_prev β_t/(1−ᾱ_t) x̂₀ + √(ᾱ_t/ᾱ_prev)(1−ᾱ_prev)/(1−ᾱ_t) x_t (DDPM eq. 7).
+        x = (a_prev.sqrt() * beta / (1 - a)) * x0 + ((a / a_prev).sqrt() * (1 - a_prev) / (1 - a)) * x
+        # 3. "fixed_small" posterior variance β̃_t = (1−ᾱ_prev)/(1−ᾱ_t)·β_t; none on the final step.
+        if i < len(ts) - 1:
+            x = x + ((1 - a_prev) / (1 - a) * beta).sqrt() * _randn_like(x, generator)
+    return x
+
+
+def sample_ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    eta: float = 0.0,
+    set_alpha_to_one: bool = True,
+    x0_transform: X0Transform | None = None,
+    recompute_eps: bool = True,
+    generator: GeneratorLike = None,
+    callback: Callback | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) with diffusers ``DDIMScheduler`` semantics; η = 0 is deterministic.
+
+    The previous timestep is the next entry; after the last, ᾱ_prev = 1 (``set_alpha_to_one=True``, the diffusers
+    default) or ᾱ_0 (False, what the kandinsky-community config would give). σ = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev))
+    (η OUTSIDE the root, unlike ``sample_original``). As in diffusers, noise is drawn on every step when η > 0,
+    including the last (where σ = 0 unless ``set_alpha_to_one=False``). With an ``x0_transform`` ε̂ is
+    recomputed from the transformed x̂₀ when ``recompute_eps`` (diffusers' ``use_clipped_model_output=True``);
+    with ``recompute_eps=False`` the network's ε̂ is kept, as diffusers' pipelines call ``step`` by default.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    ts, a_all, a_prev_all = _schedule(alphas_cumprod, x, timesteps, final=1.0 if set_alpha_to_one else None)
+    for i in _steps(len(ts), progress):
+        a, a_prev = a_all[i], a_prev_all[i]
+        eps = denoiser(x, _t_batch(ts[i], x))
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        if x0_transform is not None:
+            x0 = x0_transform(x0)
+            if recompute_eps:
+                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        if callback is not None:
+            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # DDIM eq. 16
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * _randn_like(x, generator)
+    return x
+
+
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    final_sigmas_type: str = "zero",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    x0_transform: X0Transform | None = None,
+    generator: GeneratorLike = None,
+    callback: Callback | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, Alg. 2); deterministic.
+
+    Matches diffusers ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+    solver_type="midpoint")`` with its defaults: after the last timestep the solver goes to σ = 0
+    (``final_sigmas_type="zero"``, where it returns x̂₀ exactly) or to ᾱ_0 ("sigma_min"). The first step is
+    first order; the last step is first order when the final σ is zero, when ``euler_at_final``, or when
+    ``lower_order_final`` and fewer than 15 steps — all other steps are second order. Use
+    ``dpm_solver_timesteps(n)`` for diffusers' default list. ``generator`` is accepted for a uniform
+    signature and unused.
+    """
+    if final_sigmas_type not in ("zero", "sigma_min"):
+        raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+    ts, a_all, a_prev_all = _schedule(alphas_cumprod, x, timesteps, final=1.0 if final_sigmas_type == "zero" else None)
+    n = len(ts)
+    alpha_all, sig_all = _alpha_sigma(a_all)
+    alpha_next_all, sig_next_all = _alpha_sigma(a_prev_all)
+    lam_all = alpha_all.log() - sig_all.log()
+    lam_next_all = alpha_next_all.log() - sig_next_all.log()  # +inf when the target is σ = 0
+    first_order_last = final_sigmas_type == "zero" or euler_at_final or (lower_order_final and n < 15)
+    x0_prev = h_prev = None
+    for i in _steps(n, progress):
+        alpha_next, sig, sig_next = alpha_next_all[i], sig_all[i], sig_next_all[i]
+        eps = denoiser(x, _t_batch(ts[i], x))
+        # 1. Data prediction x̂₀ = (x_t − σ_t ε̂)/α_t (DPM-Solver++ §3).
+        x0 = (x - sig * eps) / alpha_all[i]
+        if x0_transform is not None:
+            x0 = x0_transform(x0)
+        if callback is not None:
+            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
+        h = lam_next_all[i] - lam_all[i]
+        # 2. First order (= DDIM η=0): x_next = (σ_next/σ_t) x_t − α_next (e^{−h} − 1) x̂₀.
+        #    Second order (midpoint, Alg. 2): replace x̂₀ by D = x̂₀ + (1/(2r))(x̂₀ − x̂₀_prev), r = h_prev/h.
+        if x0_prev is None or (i == n - 1 and first_order_last):
+            d = x0
+        else:
+            d = x0 + (x0 - x0_prev) * (h / (2 * h_prev))
+        x = (sig_next / sig) * x - (alpha_next * torch.expm1(-h)) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def sample_flash(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callback | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Kandinsky Flash (3.1, ``gan=True``; SPEC §5.7): re-noise, one call, take x̂₀ — four times.
+
+    img starts as ``x`` (pure noise). At every t, including the first, img is re-noised with fresh noise,
+    x_t = √ᾱ_t·img + √(1−ᾱ_t)·z, exactly as the original's ``q_sample(img, t)`` (at the first step x_t is
+    therefore a fresh mix of two unit Gaussians, not ``x`` itself); ε̂ = denoiser(x_t, t) with a
+    conditional-only denoiser (no CFG, no null embedding, no thresholding); img = x̂₀. Returns the x̂₀ of the
+    last timestep (229 with ``FLASH_TIMESTEPS``, the list to pass).
+    """
+    ts, a_all, _ = _schedule(alphas_cumprod, x, timesteps, final=None)
+    img = x
+    for i in _steps(len(ts), progress):
+        a = a_all[i]
+        x_t = a.sqrt() * img + (1 - a).sqrt() * _randn_like(img, generator)
+        eps = denoiser(x_t, _t_batch(ts[i], x_t))
+        img = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        if callback is not None:
+            callback({"step": i, "t": ts[i], "x": x_t, "x0": img})
+    return img
+
+
+# Read-only registries (STYLE habit 7: nothing module-level is mutable).
+SAMPLERS: Mapping[str, Callable[..., torch.Tensor]] = MappingProxyType(
+    {
+        "original": sample_original,
+        "ddpm": sample_ddpm,
+        "ddim": sample_ddim,
+        "dpmpp_2m": sample_dpmpp_2m,
+        "flash": sample_flash,
+    }
+)
+
+DEFAULT_STEPS: Mapping[str, int] = MappingProxyType(
+    {"original": 50, "ddpm": 25, "ddim": 50, "dpmpp_2m": 25, "flash": len(FLASH_TIMESTEPS)}
+)
+
+
+def default_timesteps(sampler: str, steps: int | None = None) -> list[int]:
+    """The timestep list each sampler is normally run with (``steps`` None → the sampler's default count).
+
+    original → ``original_timesteps(steps)`` (default 50); ddpm and ddim → ``leading_timesteps(steps, offset=1)``,
+    the kandinsky-community scheduler spacing (defaults 25 and 50); dpmpp_2m → ``dpm_solver_timesteps(steps)``,
+    diffusers' default "linspace" (default 25); flash → ``FLASH_TIMESTEPS`` (only 4 steps exist; any other
+    ``steps`` is an error rather than silently ignored as in the original).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    n = DEFAULT_STEPS[sampler] if steps is None else steps
+    if sampler == "flash":
+        if n != len(FLASH_TIMESTEPS):
+            raise ValueError(f"flash runs exactly the 4 timesteps {FLASH_TIMESTEPS}, got steps={n}")
+        return list(FLASH_TIMESTEPS)
+    if sampler == "original":
+        return original_timesteps(n)
+    if sampler == "dpmpp_2m":
+        return dpm_solver_timesteps(n)
+    return leading_timesteps(n, offset=1)
