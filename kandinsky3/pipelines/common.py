@@ -40,10 +40,10 @@ def check_size(width: int, height: int, multiple: int = 64) -> None:
         if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side <= 0:
             raise ValueError(f"{name} must be a positive int, got {side!r}")
         if side % multiple:
-            lower = max(multiple, side // multiple * multiple)
+            lower, upper = side // multiple * multiple, (side // multiple + 1) * multiple
+            nearest = f"{lower} and {upper}" if lower else f"{upper}"
             raise ValueError(
-                f"{name}={side} is not a multiple of {multiple}; the nearest valid sizes are "
-                f"{lower} and {lower + multiple if lower >= side else lower}"
+                f"{name}={side} is not a multiple of {multiple}; the nearest valid sizes are {nearest}"
             )
 
 
@@ -297,15 +297,35 @@ def batch_slices(total: int, batch_size: int | None) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def select(generator, part: slice):
-    """The generators of one mini-batch (a single shared generator is used as is)."""
-    return generator[part] if isinstance(generator, list) else generator
+def context_lengths(conditions: TextConditions) -> list[int]:
+    """Per image, the context length it would have if encoded alone: 1 + the last real slot of
+    its cond or uncond mask, plus the one pad slot (at most the batch's L)."""
+    masks = conditions.cond[1] if conditions.uncond is None else conditions.cond[1] | conditions.uncond[1]
+    length = masks.shape[1]
+    slots = torch.arange(length, device=masks.device)
+    last = torch.where(masks, slots, -1).amax(dim=1)  # (B,)
+    return [min(length, int(n) + 2) for n in last]
 
 
-def slice_conditions(conditions: TextConditions, part: slice) -> TextConditions:
-    cond = (conditions.cond[0][part], conditions.cond[1][part])
-    uncond = None if conditions.uncond is None else (conditions.uncond[0][part], conditions.uncond[1][part])
-    return TextConditions(cond, uncond)
+def length_groups(indices: range, lengths: list[int]) -> list[tuple[list[int], int]]:
+    """Split image indices into groups of equal context length, keeping their order."""
+    groups: dict[int, list[int]] = {}
+    for i in indices:
+        groups.setdefault(lengths[i], []).append(i)
+    return [(members, length) for length, members in groups.items()]
+
+
+def select(generator, indices: list[int]):
+    """The generators of some images (a single shared generator is used as is)."""
+    return [generator[i] for i in indices] if isinstance(generator, list) else generator
+
+
+def gather_conditions(conditions: TextConditions, indices: list[int], length: int) -> TextConditions:
+    """The conditions of some images, cut to ``length`` slots."""
+    def pick(pair):
+        return None if pair is None else (pair[0][indices, :length], pair[1][indices, :length])
+
+    return TextConditions(pick(conditions.cond), pick(conditions.uncond))
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
@@ -315,7 +335,7 @@ def module_device(module: torch.nn.Module) -> torch.device:
 def denoise(
     unet: torch.nn.Module,
     conditions: TextConditions,
-    start: Callable[[slice, Any], torch.Tensor],
+    start: Callable[[list[int], Any], torch.Tensor],
     *,
     sample_fn: Callable[..., torch.Tensor],
     timesteps: list[int],
@@ -330,29 +350,35 @@ def denoise(
 ) -> torch.Tensor:
     """Run the sampler over mini-batches of at most ``batch_size`` images → (B, 4, h, w) fp32 latents.
 
-    ``start(part, generator)`` returns the start latents of the images in ``part`` (noise for
+    ``start(indices, generator)`` returns the start latents of those images (noise for
     text-to-image, noised image latents for img2img).  ``extra_channels`` (B, C, h, w) is
     concatenated to x_t at every call (inpainting's keep-mask and masked latent).
+
+    The attention pooling's query is the mean over all context slots, pads included, so an
+    image's result would depend on the longest prompt of its batch.  Each mini-batch is
+    therefore split into groups of equal context length, each cut to the length its prompts
+    have alone: a batch of prompts gives the images of the prompts one by one.
     """
     device = module_device(unet)
     conditions = move_conditions(conditions, device)
     net_call = unet_call(unet)
-    total = conditions.cond[0].shape[0]
-    results = []
-    for part in batch_slices(total, batch_size):
-        generator = select(generators, part)
-        text = slice_conditions(conditions, part)
-        extra = None if extra_channels is None else extra_channels[part].to(device)
-        denoiser = guidance.make_cfg_denoiser(net_call, text.cond, text.uncond, w, extra_channels=extra)
-        bar = None
-        if progress:
-            bar = lambda steps: tqdm(steps, total=len(timesteps), desc="denoising", leave=False)  # noqa: E731
-        with torch.inference_mode():
-            x = start(part, generator).to(device, torch.float32)
-            results.append(
-                sample_fn(
+    lengths = context_lengths(conditions)
+    results: list[torch.Tensor | None] = [None] * len(lengths)
+    for part in batch_slices(len(lengths), batch_size):
+        for indices, length in length_groups(range(part.start, part.stop), lengths):
+            generator = select(generators, indices)
+            text = gather_conditions(conditions, indices, length)
+            extra = None if extra_channels is None else extra_channels[indices].to(device)
+            denoiser = guidance.make_cfg_denoiser(net_call, text.cond, text.uncond, w, extra_channels=extra)
+            bar = None
+            if progress:
+                bar = lambda steps: tqdm(steps, total=len(timesteps), desc="denoising", leave=False)  # noqa: E731
+            with torch.inference_mode():
+                x = start(indices, generator).to(device, torch.float32)
+                out = sample_fn(
                     denoiser, x, timesteps, alphas_cumprod, generator=generator, callback=callback,
                     progress=bar, **sampler_kwargs,
                 )
-            )
-    return torch.cat(results)
+            for row, i in enumerate(indices):
+                results[i] = out[row]
+    return torch.stack(results)

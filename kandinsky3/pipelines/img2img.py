@@ -76,8 +76,8 @@ class Kandinsky3Img2ImgPipeline(Kandinsky3Pipeline):
         )
         start_t = timesteps[0]
 
-        def start(part: slice, gen) -> torch.Tensor:
-            x0 = init[part]
+        def start(indices: list[int], gen) -> torch.Tensor:
+            x0 = init[indices]
             noise = common.initial_noise(tuple(x0.shape), gen, torch.device("cpu"))
             return schedule.q_sample(x0, noise, start_t, self.alphas_cumprod)
 

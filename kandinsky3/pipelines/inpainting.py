@@ -154,8 +154,8 @@ class Kandinsky3InpaintingPipeline:
         )
         latent_shape = (self.movq.config.z_channels, *extra.shape[-2:])
 
-        def start(part: slice, gen) -> torch.Tensor:
-            return common.initial_noise((part.stop - part.start, *latent_shape), gen, torch.device("cpu"))
+        def start(indices: list[int], gen) -> torch.Tensor:
+            return common.initial_noise((len(indices), *latent_shape), gen, torch.device("cpu"))
 
         latents = common.denoise(
             self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,

@@ -119,10 +119,10 @@ class Kandinsky3Pipeline:
             self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
         )
 
-        def start(part: slice, gen) -> torch.Tensor:
+        def start(indices: list[int], gen) -> torch.Tensor:
             if latents is not None:
-                return latents[part]
-            return common.initial_noise((part.stop - part.start, *shape[1:]), gen, torch.device("cpu"))
+                return latents[indices]
+            return common.initial_noise((len(indices), *shape[1:]), gen, torch.device("cpu"))
 
         result = common.denoise(
             self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
