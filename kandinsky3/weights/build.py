@@ -1,0 +1,151 @@
+"""Turn layout-neutral sources (:mod:`kandinsky3.weights.sources`) into networks.
+
+Networks are built on the meta device, every tensor of the source is checked (names and shapes) against the
+network's own state dict, cast one at a time to the target dtype on the target device, and attached with
+``load_state_dict(strict=True, assign=True)``: no full-precision copy of the model is ever materialised. When the
+dtype is unchanged, tensors of a memory-mapped ``.pt`` file are used in place (pages are read on first use).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kandinsky3.models.movq import MoVQ, MoVQConfig
+from kandinsky3.models.text_encoder import TextEncoder
+from kandinsky3.models.unet import UNet
+from kandinsky3.models.unet_config import UNetConfig
+from kandinsky3.weights.infer import infer_movq_config, infer_unet_config
+from kandinsky3.weights.safe_io import CheckpointError, check_shapes
+from kandinsky3.weights.sources import ModelSource, TensorSource, TextSource
+from kandinsky3.weights.t5 import load_t5, load_tokenizer
+
+__all__ = [
+    "KINDS",
+    "DTYPES",
+    "parse_dtype",
+    "resolve_config",
+    "expected_shapes",
+    "instantiate",
+    "build_text_encoder",
+]
+
+KINDS: dict[str, tuple[type[nn.Module], type]] = {"unet": (UNet, UNetConfig), "movq": (MoVQ, MoVQConfig)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_WHAT = {"unet": "U-Net", "movq": "MoVQ"}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """None, a torch floating dtype, or one of "fp32", "fp16", "bf16" (also "float32", "float16", "bfloat16")."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        return dtype
+    names = {**DTYPES, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)} or a torch dtype, got {dtype!r}")
+    return names[dtype]
+
+
+def resolve_config(kind: str, source: ModelSource, config: Any = None, **infer_kwargs: Any) -> Any:
+    """The config to build: ``config`` if given, else the source's own, else inferred from the shapes."""
+    if config is not None:
+        expected_type = KINDS[kind][1]
+        if not isinstance(config, expected_type):
+            raise TypeError(f"config for {kind} must be a {expected_type.__name__}, got {type(config).__name__}")
+        return config
+    if source.config is not None:
+        return source.config
+    shapes = source.tensors.shapes()
+    if kind == "unet":
+        return infer_unet_config(shapes, path=source.tensors.path, **infer_kwargs)
+    return infer_movq_config(shapes, path=source.tensors.path, **infer_kwargs)
+
+
+@functools.lru_cache(maxsize=32)
+def _shapes(kind: str, config: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    with torch.device("meta"):
+        model = KINDS[kind][0](config)
+    return tuple((key, tuple(value.shape)) for key, value in model.state_dict().items())
+
+
+def expected_shapes(kind: str, config: Any) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the network's state dict, in its order (built on the meta device, cached)."""
+    return dict(_shapes(kind, config))
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Move to ``device``; cast floating tensors to ``dtype`` (None: unchanged). Integers keep their dtype."""
+    target = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+    return tensor.to(device=device, dtype=target)
+
+
+def instantiate(
+    kind: str, config: Any, tensors: TensorSource, *, dtype: torch.dtype | None = None, device="cpu"
+) -> nn.Module:
+    """Build ``KINDS[kind]`` from ``config`` and fill it from ``tensors`` (dtype None: the stored dtype)."""
+    expected = expected_shapes(kind, config)
+    check_shapes(tensors.shapes(), expected, tensors.path, _WHAT[kind])
+    if dtype is None:
+        dtype = tensors.floating_dtype()
+    with torch.device("meta"):
+        model = KINDS[kind][0](config)
+    state = {}
+    for key in expected:
+        stored = tensors[key]
+        state[key] = cast(stored, dtype, device)
+        if state[key].data_ptr() != stored.data_ptr():
+            tensors.release(key)  # a copy was made: drop the source's mapped pages (see safe_io.release_pages)
+        del stored
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{_WHAT[kind]} tensors not in its state dict stayed on the meta device: {left[:8]}")
+    return model.eval()
+
+
+def _check_conditioning(text: TextSource, d_model: int) -> int:
+    """Validate the projection (+ null embedding) shapes against T5's width; return the context width C."""
+    where = text.conditioning_files[-1] if text.conditioning_files else None
+    weight = text.conditioning.get("projection.0.weight")
+    if weight is None or weight.ndim != 2:
+        raise CheckpointError(where, "has no 2-D text projection weight (projection 0.weight)")
+    context_dim = weight.shape[0]
+    expected = {
+        "projection.0.weight": (context_dim, d_model),
+        "projection.1.weight": (context_dim,),
+        "projection.1.bias": (context_dim,),
+    }
+    shapes = {key: tuple(value.shape) for key, value in text.conditioning.items() if key != "null_embedding"}
+    check_shapes(shapes, expected, where, f"text projection (T5 width {d_model})")
+    null = text.conditioning.get("null_embedding")
+    if null is not None and null.numel() != context_dim:
+        raise CheckpointError(
+            text.conditioning_files[0], f"null_embedding has {null.numel()} values, expected {context_dim}"
+        )
+    return context_dim
+
+
+def build_text_encoder(text: TextSource, *, dtype: torch.dtype | None = None, device="cpu") -> TextEncoder:
+    """T5 (transformers) + tokenizer + projection + null embedding (zeros when absent, diffusers style).
+
+    dtype None: T5 as stored, projection and null embedding as stored.
+    """
+    t5 = load_t5(Path(text.t5_folder), variant=text.t5_variant, dtype=dtype, device=device)
+    context_dim = _check_conditioning(text, int(t5.config.d_model))
+    tokenizer = load_tokenizer(Path(text.tokenizer_folder))
+    encoder = TextEncoder(t5, tokenizer, context_dim=context_dim)
+    target = dtype if dtype is not None else text.conditioning["projection.0.weight"].dtype
+    prefix = "projection."
+    projection = {key[len(prefix):]: value for key, value in text.conditioning.items() if key.startswith(prefix)}
+    with torch.no_grad():
+        encoder.projection.to(device=device, dtype=target)
+        encoder.projection.load_state_dict(projection, strict=True)
+        encoder.null_embedding.data = encoder.null_embedding.data.to(device=device, dtype=target)
+        if "null_embedding" in text.conditioning:
+            encoder.null_embedding.copy_(text.conditioning["null_embedding"].reshape(context_dim))
+    return encoder.eval()
