@@ -3,7 +3,11 @@
 Each subcommand is two functions: ``add_<name>_parser(subparsers)`` declares its flags and ``run_<name>(args)``
 calls the Python API. The CLI only parses arguments, calls library functions and prints (STYLE habit 13).
 
+    kandinsky3 generate "prompt" -o out.png [--model tiny|PATH|REPO] [--negative-prompt ...] [--steps N] ...
+    kandinsky3 inpaint "prompt" --image in.png --mask mask.png -o out.png [...]
+    kandinsky3 img2img "prompt" --image in.png -o out.png [--strength 0.3] [...]
     kandinsky3 convert SRC DST [--variant base|flash|inpainting] [--dtype fp16|bf16|fp32] [--components ...]
+    kandinsky3 train CONFIG.json [--resume] [key=value ...]
 """
 
 from __future__ import annotations
@@ -63,7 +67,136 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_convert_parser,)
+def _add_generation_flags(parser: argparse.ArgumentParser, guidance_default: str) -> None:
+    """Flags shared by generate, inpaint and img2img."""
+    from kandinsky3.pipelines import DEFAULT_MODEL
+
+    parser.add_argument("prompt", help="text prompt")
+    parser.add_argument("-o", "--output", default="out.png",
+                        help="output image; with several images, _0, _1, ... are added before the suffix")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="'tiny' (the bundled small model), a local checkpoint folder in any layout, or a Hub repo id")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps; None = the sampler's own (50 original, 25 ddpm/dpmpp_2m)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help=f"w in (w+1)·ε_cond − w·ε_uncond; None = {guidance_default}")
+    parser.add_argument("--sampler", default=None, choices=("original", "ddpm", "ddim", "dpmpp_2m"),
+                        help="sampler; None = 'original' for ai-forever weights, 'ddpm' for diffusers weights")
+    parser.add_argument("--eta", type=float, default=None, help="noise of the 'original' and 'ddim' samplers")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (image i uses seed + i)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    parser.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                        help="dtype of all networks; None = fp32, with the full-size T5 in fp16 on CUDA and bf16 on CPU")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _pipeline_kwargs(args: argparse.Namespace) -> dict:
+    return dict(device_map=args.device, dtype_map=args.dtype, model=args.model)
+
+
+def _call_kwargs(args: argparse.Namespace) -> dict:
+    options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                   eta=args.eta, seed=args.seed, num_images_per_prompt=args.num_images,
+                   progress=not args.no_progress)
+    if args.sampler is not None:
+        options["sampler"] = args.sampler
+    return options
+
+
+def _save_images(images, output: str, start: float) -> int:
+    from pathlib import Path
+
+    path = Path(output)
+    paths = [path] if len(images) == 1 else [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(images))]
+    for image, target in zip(images, paths):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target)
+    print(f"wrote {', '.join(str(p) for p in paths)} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="text-to-image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_generation_flags(parser, "3.0")
+    parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 64; None = 1024 (64 for the tiny model)")
+    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 64; None = 1024 (64 for the tiny model)")
+    parser.add_argument("--flash", action="store_true", help="Kandinsky Flash weights: 4 steps, no guidance")
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from kandinsky3.pipelines import get_T2I_Flash_pipeline, get_T2I_pipeline
+
+    start = time.perf_counter()
+    factory = get_T2I_Flash_pipeline if args.flash else get_T2I_pipeline
+    pipe = factory(**_pipeline_kwargs(args))
+    default_side = 64 if args.model == "tiny" else 1024
+    options = _call_kwargs(args)
+    if args.flash:
+        options = {k: v for k, v in options.items() if v is not None and k not in ("steps", "eta")}
+    images = pipe(args.prompt, width=args.width or default_side, height=args.height or default_side, **options)
+    return _save_images(images, args.output, start)
+
+
+def add_inpaint_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("inpaint", help="repaint the masked region of an image",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_generation_flags(parser, "4.0")
+    parser.add_argument("--image", required=True, help="input image")
+    parser.add_argument("--mask", required=True, help="mask image of the same size: white (255) = repaint")
+    parser.add_argument("--no-paste-back", action="store_true", help="do not copy the kept pixels from the input")
+    parser.set_defaults(run=run_inpaint)
+
+
+def run_inpaint(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from kandinsky3.pipelines import get_inpainting_pipeline
+
+    start = time.perf_counter()
+    image, mask = Image.open(args.image), Image.open(args.mask)
+    pipe = get_inpainting_pipeline(**_pipeline_kwargs(args))
+    images = pipe(args.prompt, image, mask, paste_back=not args.no_paste_back, **_call_kwargs(args))
+    return _save_images(images, args.output, start)
+
+
+def add_img2img_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("img2img", help="transform an image following a prompt",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_generation_flags(parser, "3.0")
+    parser.add_argument("--image", required=True, help="input image")
+    parser.add_argument("--strength", type=float, default=0.3, help="share of the timesteps that is run, in (0, 1]")
+    parser.set_defaults(run=run_img2img)
+
+
+def run_img2img(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from kandinsky3.pipelines import get_img2img_pipeline
+
+    start = time.perf_counter()
+    pipe = get_img2img_pipeline(**_pipeline_kwargs(args))
+    images = pipe(args.prompt, Image.open(args.image), strength=args.strength, **_call_kwargs(args))
+    return _save_images(images, args.output, start)
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train a MoVQ or U-Net from a JSON config (see configs/)",
+                                   add_help=False)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="CONFIG.json [--resume] [key=value ...]")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from kandinsky3.training.__main__ import main as train_main
+
+    return train_main(args.train_args)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_generate_parser, add_inpaint_parser, add_img2img_parser, add_convert_parser, add_train_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError) as error:
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as error:
         print(f"kandinsky3 {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -348,7 +348,10 @@ def denoise(
     callback: Callable[[dict], None] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Run the sampler over mini-batches of at most ``batch_size`` images → (B, 4, h, w) fp32 latents.
+    """Run the sampler over mini-batches of at most ``batch_size`` images → (B, 4, h, w) latents.
+
+    The latents and the sampler's arithmetic are fp32 whatever the U-Net's dtype (fp64 for an
+    fp64 U-Net, which the exactness tests use).
 
     ``start(indices, generator)`` returns the start latents of those images (noise for
     text-to-image, noised image latents for img2img).  ``extra_channels`` (B, C, h, w) is
@@ -360,6 +363,7 @@ def denoise(
     have alone: a batch of prompts gives the images of the prompts one by one.
     """
     device = module_device(unet)
+    latent_dtype = torch.promote_types(torch.float32, next(unet.parameters()).dtype)  # fp32, or fp64
     conditions = move_conditions(conditions, device)
     net_call = unet_call(unet)
     lengths = context_lengths(conditions)
@@ -374,7 +378,7 @@ def denoise(
             if progress:
                 bar = lambda steps: tqdm(steps, total=len(timesteps), desc="denoising", leave=False)  # noqa: E731
             with torch.inference_mode():
-                x = start(indices, generator).to(device, torch.float32)
+                x = start(indices, generator).to(device, latent_dtype)
                 out = sample_fn(
                     denoiser, x, timesteps, alphas_cumprod, generator=generator, callback=callback,
                     progress=bar, **sampler_kwargs,

@@ -94,7 +94,7 @@ class Kandinsky3Pipeline:
             sampler: "original", "ddpm", "ddim", "dpmpp_2m" (or "flash" for Flash weights).
             eta: noise of the "original" (default 1) and "ddim" (default 0) samplers.
             seed / generator: seed → image i uses a CPU generator seeded seed + i.
-            latents: (B, 4, height/8, width/8) fp32 start noise instead of drawing it.
+            latents: (B, 4, height/8, width/8) start noise instead of drawing it.
             callback: called each step with {"step", "t", "x", "x0"} (observe only).
             progress: show a tqdm bar over the denoising steps.
             output_type: "pil" (list of PIL images), "np" ((B,H,W,3) in [0,1]),

@@ -1,0 +1,217 @@
+"""Factories with the original project's names: load weights, place them, build a pipeline.
+
+    get_T2I_pipeline("cuda", fp16=True)                        # the seed README (3.0 style)
+    get_T2I_pipeline({"unet": "cuda:0", "text_encoder": "cuda:1", "movq": "cuda:0"},
+                     dtype_map={"unet": torch.float16, "text_encoder": torch.bfloat16, "movq": torch.float32})
+    get_T2I_pipeline("cpu", model="tiny")                      # the small model shipped in the package
+
+``model`` is a Hub repo id (default: the official 3.1 weights), a local folder in any supported
+layout (original 3.0/3.1, diffusers, native) or "tiny".  ``unet_path`` / ``movq_path`` /
+``text_encoder_path`` replace single components (files or folders).  ``load_options`` are passed
+to :func:`kandinsky3.weights.load_components`: ``head_dim``, ``groups``, ``norm_groups`` (needed
+only for small original-layout files, whose configs are inferred from shapes), ``unet_config``,
+``movq_config``, ``t5_path`` (the T5 folder of a 3.0 checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..weights import load_components, load_movq, load_text_encoder, load_unet
+from .img2img import Kandinsky3Img2ImgPipeline
+from .inpainting import Kandinsky3InpaintingPipeline
+from .text_to_image import Kandinsky3Pipeline
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "get_T2I_pipeline",
+    "get_T2I_Flash_pipeline",
+    "get_inpainting_pipeline",
+    "get_img2img_pipeline",
+    "resolve_model",
+]
+
+DEFAULT_MODEL = "ai-forever/Kandinsky3.1"
+COMPONENT_NAMES = ("unet", "text_encoder", "movq")
+TINY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp64": torch.float64, "float64": torch.float64}
+
+
+def resolve_model(model: str | Path, variant: str = "base") -> str | Path:
+    """``"tiny"`` → the bundled small model's folder (the inpainting one for that variant)."""
+    if str(model) != "tiny":
+        return model
+    folder = TINY_MODEL / ("inpainting" if variant == "inpainting" else "base")
+    if not (folder / "kandinsky3.json").is_file():
+        raise FileNotFoundError(
+            f"the bundled tiny model is missing from {folder}; reinstall the package or pass model=<path>"
+        )
+    return folder
+
+
+def _as_dtype(value: Any) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in _DTYPES:
+        return _DTYPES[value.lower()]
+    raise ValueError(f"unknown dtype {value!r}; use torch.float32/float16/bfloat16 or 'fp32'/'fp16'/'bf16'")
+
+
+def placement(device_map: Any, dtype_map: Any, fp16: bool, tiny: bool) -> dict[str, tuple[torch.device, torch.dtype]]:
+    """(device, dtype) per component from a device or a {component: device} dict and a dtype or dict.
+
+    Defaults: fp32 for the U-Net and MoVQ; the 8.6B T5 in fp16 on CUDA and bf16 on the CPU (the
+    original's fp16 T5 overflows without a guard; bf16 is the safe low precision), fp32 for the
+    tiny model.  ``fp16=True`` (3.0 style) puts the U-Net and MoVQ in fp16 too.
+    """
+    devices = _per_component(device_map, "device_map", torch.device)
+    if dtype_map is not None and fp16:
+        raise ValueError("pass either fp16=True or dtype_map, not both")
+    if dtype_map is not None:
+        dtypes = _per_component(dtype_map, "dtype_map", _as_dtype)
+    else:
+        dtypes = {}
+        for name in COMPONENT_NAMES:
+            if tiny:
+                dtypes[name] = torch.float32
+            elif name == "text_encoder":
+                dtypes[name] = torch.float16 if devices[name].type == "cuda" else torch.bfloat16
+            else:
+                dtypes[name] = torch.float16 if fp16 else torch.float32
+    return {name: (devices[name], dtypes[name]) for name in COMPONENT_NAMES}
+
+
+def _per_component(value: Any, what: str, convert) -> dict[str, Any]:
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(COMPONENT_NAMES))
+        missing = sorted(set(COMPONENT_NAMES) - set(value))
+        if unknown or missing:
+            raise ValueError(f"{what} needs exactly the keys {list(COMPONENT_NAMES)}; unknown {unknown}, missing {missing}")
+        return {name: convert(value[name]) for name in COMPONENT_NAMES}
+    return {name: convert(value) for name in COMPONENT_NAMES}
+
+
+_UNET_OPTIONS = ("unet_config", "head_dim", "groups")
+_MOVQ_OPTIONS = ("movq_config", "norm_groups")
+
+
+def _load(model, variant, places, unet_path, movq_path, text_encoder_path, options):
+    """Load each component with its own device and dtype; returns (components dict, conditioning, scheduler_config)."""
+    loaded: dict[str, Any] = {}
+    conditioning, scheduler_config = "original", None
+    overrides = {"unet": unet_path, "movq": movq_path, "text_encoder": text_encoder_path}
+    for name in COMPONENT_NAMES:
+        device, dtype = places[name]
+        if overrides[name] is not None:
+            path = overrides[name]
+            if name == "unet":
+                hints = {k.replace("unet_", ""): v for k, v in options.items() if k in _UNET_OPTIONS}
+                loaded[name] = load_unet(path, variant=variant, dtype=dtype, device=device, **hints)
+            elif name == "movq":
+                hints = {k.replace("movq_", ""): v for k, v in options.items() if k in _MOVQ_OPTIONS}
+                loaded[name] = load_movq(path, dtype=dtype, device=device, **hints)
+            else:
+                loaded[name] = load_text_encoder(
+                    path, variant=variant, dtype=dtype, device=device, t5_path=options.get("t5_path")
+                )
+            continue
+        parts = load_components(model, variant=variant, dtype=dtype, device=device, components=(name,), **options)
+        loaded[name] = getattr(parts, name)
+        if name == "text_encoder":
+            conditioning = parts.conditioning
+        scheduler_config = parts.scheduler_config if parts.scheduler_config is not None else scheduler_config
+    return loaded, conditioning, scheduler_config
+
+
+def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, options, unsupported):
+    allowed = {"unet_config", "movq_config", "head_dim", "groups", "norm_groups", "t5_path"}
+    options = dict(options or {})
+    if set(options) - allowed:
+        raise TypeError(f"unknown load_options {sorted(set(options) - allowed)}; allowed: {sorted(allowed)}")
+    if unsupported:
+        raise TypeError(
+            f"unsupported arguments {sorted(unsupported)}; 8/4-bit loading is not available — "
+            "use dtype_map with torch.bfloat16/float16 instead"
+        )
+    variant = {"t2i": "base", "img2img": "base", "flash": "flash", "inpainting": "inpainting"}[kind]
+    places = placement(device_map, dtype_map, fp16, tiny=str(model) == "tiny")
+    components, conditioning, scheduler_config = _load(
+        resolve_model(model, variant), variant, places, unet_path, movq_path, text_encoder_path, options
+    )
+    args = (components["unet"], components["movq"], components["text_encoder"])
+    if kind == "inpainting":
+        return Kandinsky3InpaintingPipeline(*args, conditioning=conditioning)
+    cls = Kandinsky3Img2ImgPipeline if kind == "img2img" else Kandinsky3Pipeline
+    return cls(*args, conditioning=conditioning, scheduler_config=scheduler_config, flash=kind == "flash")
+
+
+def get_T2I_pipeline(
+    device_map: Any = "cpu",
+    fp16: bool = False,
+    *,
+    dtype_map: Any = None,
+    model: str | Path = DEFAULT_MODEL,
+    unet_path: str | Path | None = None,
+    movq_path: str | Path | None = None,
+    text_encoder_path: str | Path | None = None,
+    load_options: dict[str, Any] | None = None,
+    **unsupported: Any,
+) -> Kandinsky3Pipeline:
+    """Text-to-image pipeline.  ``device_map``/``dtype_map`` take one value or a dict with the
+    keys "unet", "text_encoder", "movq" (the 3.1 API); ``fp16=True`` is the 3.0 API."""
+    return _build("t2i", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, unsupported)
+
+
+def get_T2I_Flash_pipeline(
+    device_map: Any = "cpu",
+    fp16: bool = False,
+    *,
+    dtype_map: Any = None,
+    model: str | Path = DEFAULT_MODEL,
+    unet_path: str | Path | None = None,
+    movq_path: str | Path | None = None,
+    text_encoder_path: str | Path | None = None,
+    load_options: dict[str, Any] | None = None,
+    **unsupported: Any,
+) -> Kandinsky3Pipeline:
+    """Kandinsky Flash (3.1's distilled U-Net and ``projection_flash``): 4 steps, no guidance."""
+    return _build("flash", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, unsupported)
+
+
+def get_inpainting_pipeline(
+    device_map: Any = "cpu",
+    fp16: bool = False,
+    *,
+    dtype_map: Any = None,
+    model: str | Path = DEFAULT_MODEL,
+    unet_path: str | Path | None = None,
+    movq_path: str | Path | None = None,
+    text_encoder_path: str | Path | None = None,
+    load_options: dict[str, Any] | None = None,
+    **unsupported: Any,
+) -> Kandinsky3InpaintingPipeline:
+    """Inpainting pipeline (9-channel U-Net, ``projection_inpainting``); mask 1 = repaint."""
+    return _build("inpainting", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, unsupported)
+
+
+def get_img2img_pipeline(
+    device_map: Any = "cpu",
+    fp16: bool = False,
+    *,
+    dtype_map: Any = None,
+    model: str | Path = DEFAULT_MODEL,
+    unet_path: str | Path | None = None,
+    movq_path: str | Path | None = None,
+    text_encoder_path: str | Path | None = None,
+    load_options: dict[str, Any] | None = None,
+    **unsupported: Any,
+) -> Kandinsky3Img2ImgPipeline:
+    """Img2img pipeline over the base weights (diffusers' strength semantics)."""
+    return _build("img2img", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, unsupported)
