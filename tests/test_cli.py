@@ -51,7 +51,7 @@ def test_inpaint_and_img2img_run_from_the_command_line(model, tmp_path):
     "args, message",
     [
         (("generate", "a", "--model", "/no/such/folder"), "no such checkpoint"),
-        (("generate", "a", "--width", "100", "--height", "64"), "not a multiple"),
+        (("generate", "a", "--width", "18", "--height", "16"), "not a multiple of 4"),
     ],
 )
 def test_user_mistakes_give_one_clear_line_and_a_nonzero_exit(model, args, message):
