@@ -8,6 +8,7 @@ calls the Python API. The CLI only parses arguments, calls library functions and
     kandinsky3 img2img "prompt" --image in.png -o out.png [--strength 0.3] [...]
     kandinsky3 convert SRC DST [--variant base|flash|inpainting] [--dtype fp16|bf16|fp32] [--components ...]
     kandinsky3 train CONFIG.json [--resume] [key=value ...]
+    kandinsky3 eval [--model tiny] [--num-prompts 200] [--inpainting]
 """
 
 from __future__ import annotations
@@ -181,6 +182,43 @@ def run_img2img(args: argparse.Namespace) -> int:
     return _save_images(images, args.output, start)
 
 
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="prompt-adherence report of a model trained on the synthetic shapes domain",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="tiny", help="'tiny' or a native/original checkpoint folder")
+    parser.add_argument("--num-prompts", type=int, default=200, help="prompts per split (seen, held-out)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps; None = the sampler's own")
+    parser.add_argument("--sampler", default="original", choices=("original", "ddpm", "ddim", "dpmpp_2m"),
+                        help="sampler")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="w; None = 3.0")
+    parser.add_argument("--inpainting", action="store_true", help="also evaluate the inpainting variant")
+    parser.add_argument("--seed", type=int, default=0, help="base seed")
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from kandinsky3 import report
+    from kandinsky3.pipelines import get_inpainting_pipeline, get_T2I_pipeline
+
+    start = time.perf_counter()
+    pipe = get_T2I_pipeline("cpu", model=args.model, dtype_map="fp32")
+    options = dict(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale)
+    results = {
+        "text_to_image": report.evaluate_text_to_image(pipe, args.num_prompts, seed=args.seed, **options),
+        "movq_psnr": report.movq_psnr(pipe.movq),
+    }
+    if args.inpainting:
+        inpaint = get_inpainting_pipeline("cpu", model=args.model, dtype_map="fp32")
+        results["inpainting"] = report.evaluate_inpainting(inpaint, args.num_prompts, seed=args.seed, steps=args.steps)
+    print(json.dumps(results, indent=2))
+    print(f"evaluated in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a MoVQ or U-Net from a JSON config (see configs/)",
                                    add_help=False)
@@ -196,6 +234,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_generate_parser, add_inpaint_parser, add_img2img_parser, add_convert_parser, add_train_parser,
+    add_eval_parser,
 )
 
 

@@ -1,0 +1,150 @@
+"""Random inpainting masks and the inpainting U-Net input, as the inference pipeline builds it.
+
+Mask convention here: **1 = repaint** (the region the model generates), 0 = keep; the same as
+the inpainting pipeline's user mask. The U-Net's mask channel is the opposite, keep = 1 − repaint
+(SPEC §2.9).
+
+The Kandinsky 3 report trained inpainting on "rectangles, circles, strokes and arbitrary shapes,
+up to 3 per image" (SPEC §8). :func:`random_mask` draws 1-3 shapes among axis-aligned rectangles,
+ellipses and free-form brush strokes (a thick random polyline), and keeps the union's area
+fraction inside a stated range (default 5-60%): shapes are drawn for a target area, redrawn with
+rescaled sizes when the union misses the range, and as a last resort replaced by one rectangle of
+the target area. All randomness comes from the ``generator`` argument.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MaskSample", "random_mask", "random_masks", "SHAPE_KINDS", "inpainting_conditioning"]
+
+SHAPE_KINDS = ("rectangle", "ellipse", "stroke")
+_MAX_TRIES = 8
+
+
+class MaskSample(NamedTuple):
+    mask: torch.Tensor  # (H,W) float32, 1 = repaint
+    kinds: tuple[str, ...]  # the kind of each shape, 1-3 entries
+    coverage: float  # mask.mean()
+
+
+def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def _grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre coordinates (H,W) in pixels."""
+    ys = torch.arange(height, dtype=torch.float32)[:, None] + 0.5
+    xs = torch.arange(width, dtype=torch.float32)[None, :] + 0.5
+    return ys.expand(height, width), xs.expand(height, width)
+
+
+def _rectangle(height: int, width: int, area: float, g: torch.Generator) -> torch.Tensor:
+    aspect = math.exp(_uniform(g, -math.log(3.0), math.log(3.0)))  # w / h
+    h = min(height, max(1, round(math.sqrt(area / aspect))))
+    w = min(width, max(1, round(area / h)))
+    top = int(_uniform(g) * (height - h + 1))
+    left = int(_uniform(g) * (width - w + 1))
+    mask = torch.zeros(height, width)
+    mask[top:top + h, left:left + w] = 1.0
+    return mask
+
+
+def _ellipse(height: int, width: int, area: float, g: torch.Generator) -> torch.Tensor:
+    aspect = math.exp(_uniform(g, -math.log(3.0), math.log(3.0)))  # rx / ry
+    ry = math.sqrt(area / (math.pi * aspect))
+    rx = aspect * ry
+    cy, cx = _uniform(g, 0.0, height), _uniform(g, 0.0, width)
+    ys, xs = _grid(height, width)
+    return (((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 <= 1.0).float()
+
+
+def _stroke(height: int, width: int, area: float, g: torch.Generator) -> torch.Tensor:
+    """A brush stroke: a random polyline of 2-8 segments, every pixel within thickness/2 of it."""
+    side = min(height, width)
+    thickness = max(2.0, _uniform(g, 0.06, 0.16) * side)
+    length = max(area / thickness, thickness)
+    segments = int(_uniform(g, 2.0, 9.0))
+    points = [torch.tensor([_uniform(g, 0.0, height), _uniform(g, 0.0, width)])]
+    angle = _uniform(g, 0.0, 2 * math.pi)
+    for _ in range(segments):
+        angle += _uniform(g, -1.2, 1.2)
+        step = torch.tensor([math.sin(angle), math.cos(angle)]) * (length / segments)
+        nxt = points[-1] + step
+        nxt = torch.stack([nxt[0].clamp(0, height), nxt[1].clamp(0, width)])  # stay inside the image
+        points.append(nxt)
+    starts, ends = torch.stack(points[:-1]), torch.stack(points[1:])  # (S,2) in (y, x)
+    ys, xs = _grid(height, width)
+    pixels = torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1)  # (HW,2)
+    direction = ends - starts  # (S,2)
+    denom = (direction**2).sum(1).clamp_min(1e-6)  # (S,)
+    rel = pixels[None] - starts[:, None]  # (S,HW,2)
+    u = ((rel * direction[:, None]).sum(-1) / denom[:, None]).clamp(0.0, 1.0)  # (S,HW)
+    nearest = starts[:, None] + u[..., None] * direction[:, None]  # (S,HW,2)
+    distance = (pixels[None] - nearest).norm(dim=-1).amin(dim=0)  # (HW,)
+    return (distance <= thickness / 2).float().view(height, width)
+
+
+_DRAW = {"rectangle": _rectangle, "ellipse": _ellipse, "stroke": _stroke}
+
+
+def random_mask(
+    height: int, width: int, generator: torch.Generator, coverage: tuple[float, float] = (0.05, 0.6),
+    max_shapes: int = 3,
+) -> MaskSample:
+    """(H,W) float32 repaint mask (1 = repaint) of 1..max_shapes shapes; ``mask.mean()`` in ``coverage``.
+
+    The target fraction is drawn uniformly in the range and split among the shapes (random
+    weights). Overlaps and clipping shrink the union, so sizes are rescaled by target/actual and
+    the shapes redrawn, up to 8 times; if the union still misses the range, one rectangle of the
+    target area is used (kinds = ("rectangle",)).
+    """
+    low, high = coverage
+    if not 0.0 < low <= high < 1.0 or max_shapes < 1:
+        raise ValueError(f"need 0 < low <= high < 1 and max_shapes >= 1, got {coverage}, {max_shapes}")
+    pixels = height * width
+    target = _uniform(generator, low, high)
+    count = 1 + int(_uniform(generator) * max_shapes)
+    kinds = tuple(SHAPE_KINDS[int(_uniform(generator) * len(SHAPE_KINDS))] for _ in range(count))
+    weights = torch.rand(count, generator=generator) + 0.5
+    shares = (weights / weights.sum()).tolist()
+    scale = 1.0
+    for _ in range(_MAX_TRIES):
+        mask = torch.zeros(height, width)
+        for kind, share in zip(kinds, shares):
+            mask = torch.maximum(mask, _DRAW[kind](height, width, scale * share * target * pixels, generator))
+        actual = float(mask.mean())
+        if low <= actual <= high:
+            return MaskSample(mask, kinds, actual)
+        scale *= target / max(actual, 1.0 / pixels)
+    mask = _rectangle(height, width, target * pixels, generator)
+    actual = float(mask.mean())
+    if not low <= actual <= high:  # only for tiny images whose pixel grid cannot hit the range
+        raise ValueError(f"a {height}x{width} mask cannot have a coverage in {coverage}")
+    return MaskSample(mask, ("rectangle",), actual)
+
+
+def random_masks(
+    height: int, width: int, generators: list[torch.Generator], coverage: tuple[float, float] = (0.05, 0.6)
+) -> torch.Tensor:
+    """(B,1,H,W) repaint masks, one per generator (1 = repaint)."""
+    return torch.stack([random_mask(height, width, g, coverage).mask for g in generators])[:, None]
+
+
+def inpainting_conditioning(movq: torch.nn.Module, pixels: torch.Tensor, repaint: torch.Tensor) -> torch.Tensor:
+    """The 5 extra U-Net channels [keep (1), masked-image latent (4)] -> (B,5,h,w).
+
+    pixels (B,3,H,W) in [-1,1], repaint (B,1,H,W) with 1 = repaint. The same three steps as the
+    inference pipeline (``Kandinsky3InpaintingPipeline._conditioning_channels``): keep = 1 − repaint;
+    every pixel not fully kept is set to 0 (mid-grey) and the result is MoVQ-encoded; keep is
+    resized to the latent size by nearest neighbour. The MoVQ is frozen: no gradient flows.
+    """
+    keep = 1.0 - repaint
+    with torch.no_grad():
+        masked_latent = movq.encode(pixels * (keep == 1)).float()  # (B,4,h,w)
+    keep_latent = F.interpolate(keep, size=masked_latent.shape[-2:], mode="nearest")  # (B,1,h,w)
+    return torch.cat([keep_latent, masked_latent], dim=1)

@@ -1,0 +1,122 @@
+"""Inpainting training pieces: random masks, the 9-channel input as the pipeline builds it, GLIDE init."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiny_models import randomize_, tiny_components
+from _tiny_training import UNET, one_thread
+
+from kandinsky3.models.unet import UNet
+from kandinsky3.pipelines.inpainting import Kandinsky3InpaintingPipeline
+from kandinsky3.training.masks import SHAPE_KINDS, inpainting_conditioning, random_mask, random_masks
+from kandinsky3.training.unet_io import glide_init_state, load_init_unet
+
+_single_thread = pytest.fixture(autouse=True)(one_thread)
+
+COVERAGE = (0.05, 0.6)
+
+
+def _components(mask: torch.Tensor) -> int:
+    """Number of 4-connected components of a (H,W) 0/1 mask (flood fill)."""
+    todo = {(int(y), int(x)) for y, x in mask.nonzero().tolist()}
+    count = 0
+    while todo:
+        count += 1
+        stack = [todo.pop()]
+        while stack:
+            y, x = stack.pop()
+            for n in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if n in todo:
+                    todo.remove(n)
+                    stack.append(n)
+    return count
+
+
+def test_random_masks_have_1_to_3_shapes_in_the_coverage_range():
+    """300 masks at 64×64: coverage inside [5%, 60%], 1-3 shapes, at most as many connected regions as
+    shapes, binary values, and every kind (rectangle, ellipse, stroke) and shape count appears."""
+    kinds, counts = set(), set()
+    for seed in range(300):
+        sample = random_mask(64, 64, torch.Generator().manual_seed(seed), COVERAGE)
+        assert sample.mask.shape == (64, 64) and sample.mask.dtype == torch.float32
+        assert set(sample.mask.unique().tolist()) <= {0.0, 1.0}
+        assert COVERAGE[0] <= sample.coverage <= COVERAGE[1], (seed, sample.coverage)
+        assert sample.coverage == pytest.approx(float(sample.mask.mean()))
+        assert 1 <= len(sample.kinds) <= 3
+        if seed < 60:  # flood fill in Python is slow; 60 masks are enough for the topology check
+            assert 1 <= _components(sample.mask) <= len(sample.kinds), (seed, sample.kinds)
+        kinds.update(sample.kinds)
+        counts.add(len(sample.kinds))
+    assert kinds == set(SHAPE_KINDS)
+    assert counts == {1, 2, 3}
+
+
+def test_random_mask_is_a_function_of_the_generator():
+    a = random_mask(48, 64, torch.Generator().manual_seed(7))
+    b = random_mask(48, 64, torch.Generator().manual_seed(7))
+    c = random_mask(48, 64, torch.Generator().manual_seed(8))
+    assert torch.equal(a.mask, b.mask) and a.kinds == b.kinds
+    assert not torch.equal(a.mask, c.mask)
+    batch = random_masks(48, 64, [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
+    assert batch.shape == (2, 1, 48, 64)
+    assert torch.equal(batch[0, 0], a.mask) and torch.equal(batch[1, 0], c.mask)
+
+
+def test_random_mask_rejects_a_bad_range():
+    with pytest.raises(ValueError, match="low <= high"):
+        random_mask(32, 32, torch.Generator(), (0.5, 0.2))
+
+
+def test_inpainting_input_equals_the_pipeline_construction():
+    """[keep, masked latent] from the trainer == the inference pipeline's ``_conditioning_channels`` for each
+    image (the pipeline encodes one image at a time, the trainer the batch: 1e-5 for batching rounding)."""
+    unet, movq, text_encoder = tiny_components(num_channels=9)
+    pipe = Kandinsky3InpaintingPipeline(unet, movq, text_encoder)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(3, 3, 16, 16, generator=generator) * 2 - 1
+    repaint = random_masks(16, 16, [torch.Generator().manual_seed(s) for s in range(3)])
+    ours = inpainting_conditioning(movq, pixels, repaint)
+    assert ours.shape == (3, 5, 8, 8)
+    for i in range(3):
+        theirs = pipe._conditioning_channels(pixels[i:i + 1], repaint[i:i + 1])
+        assert torch.equal(ours[i:i + 1, :1], theirs[:, :1])  # keep mask: exact
+        assert torch.allclose(ours[i:i + 1, 1:], theirs[:, 1:], atol=1e-5)
+
+
+def test_glide_init_reproduces_the_base_model_whatever_the_extra_channels():
+    """Zero weights on the 5 new input channels: the 9-channel model's ε equals the base model's for any
+    extra input (only the conv's summation order differs: 1e-5)."""
+    base = randomize_(UNet(UNET), seed=3).eval()
+    inpaint = UNet(type(UNET).from_dict({**UNET.to_dict(), "num_channels": 9})).eval()
+    inpaint.load_state_dict(glide_init_state(base.state_dict(), 9), strict=True)
+    assert torch.equal(inpaint.in_layer.weight[:, :4], base.in_layer.weight)
+    assert not inpaint.in_layer.weight[:, 4:].any()
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 5, UNET.context_dim, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    t = torch.tensor([3, 800])
+    with torch.no_grad():
+        expected = base(x, t, context, mask)
+        for scale in (0.0, 1.0, 100.0):
+            extra = scale * torch.randn(2, 5, 8, 8, generator=generator)
+            got = inpaint(torch.cat([x, extra], dim=1), t, context, mask)
+            assert torch.allclose(got, expected, atol=1e-5), (scale, (got - expected).abs().max())
+
+
+def test_load_init_unet_expands_a_base_folder_and_rejects_other_architectures(tmp_path):
+    from safetensors.torch import save_file
+
+    base = randomize_(UNet(UNET), seed=5)
+    (tmp_path / "config.json").write_text(json.dumps(UNET.to_dict()))
+    save_file(base.state_dict(), str(tmp_path / "model.safetensors"))
+    target = type(UNET).from_dict({**UNET.to_dict(), "num_channels": 9})
+    state = load_init_unet(tmp_path, target)
+    assert state["in_layer.weight"].shape[1] == 9
+    UNet(target).load_state_dict(state, strict=True)
+    wider = type(UNET).from_dict({**UNET.to_dict(), "model_channels": 32})
+    with pytest.raises(ValueError, match="model_channels"):
+        load_init_unet(tmp_path, wider)

@@ -1,0 +1,112 @@
+"""MoVQ trainer: exact stop-and-resume, latent rescaling, export round trip, loss falls.
+
+Tiny MoVQ (widths 8/16, 32×32 shapes images) so every run takes seconds on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny_training import one_thread
+
+from kandinsky3.data.shapes import ShapesDataset
+from kandinsky3.models.movq import MoVQ, MoVQConfig
+from kandinsky3.training.config import MoVQRunConfig
+from kandinsky3.training.loop import CHECKPOINT, load_checkpoint
+from kandinsky3.training.train_movq import load_movq, rescale_latents_, train_movq
+
+_single_thread = pytest.fixture(autouse=True)(one_thread)
+
+TINY_MOVQ = MoVQConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32,
+                       norm_groups=4, codebook_size=32, codebook_ema=True, codebook_restart_after=2)
+
+
+def _config(out_dir, **overrides) -> MoVQRunConfig:
+    fields = dict(
+        out_dir=str(out_dir), movq=TINY_MOVQ.to_dict(), image_size=32, batch_size=4, grad_accum=2,
+        max_steps=4, lr=1e-3, warmup_steps=2, ema_decay=0.9, log_interval=1, sample_interval=0,
+        checkpoint_interval=0, disc_start=1, disc_channels=8, disc_layers=2, device="cpu",
+    )
+    fields.update(overrides)
+    return MoVQRunConfig(**fields)
+
+
+def _dataset() -> ShapesDataset:
+    return ShapesDataset(12, image_size=32, seed=3)
+
+
+def _flatten(state, prefix=""):
+    """Every tensor of a nested checkpoint dict, keyed by its path."""
+    out = {}
+    if isinstance(state, dict):
+        for key, value in state.items():
+            out.update(_flatten(value, f"{prefix}{key}/"))
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            out.update(_flatten(value, f"{prefix}{i}/"))
+    elif isinstance(state, torch.Tensor):
+        out[prefix] = state
+    return out
+
+
+def test_movq_resume_continues_exactly(tmp_path):
+    """2 steps, checkpoint, fresh objects, 2 more steps == 4 uninterrupted steps (model, EMA, optimizers,
+    codebook statistics, discriminator). All CPU kernels are deterministic, so the match is exact;
+    1e-6 is the stated bound."""
+    train_movq(_config(tmp_path / "straight"), dataset=_dataset())
+    train_movq(_config(tmp_path / "split", max_steps=2), dataset=_dataset())
+    torch.manual_seed(1234)  # the global RNG must not matter
+    train_movq(_config(tmp_path / "split"), resume=True, dataset=_dataset())
+    a = load_checkpoint(tmp_path / "straight" / CHECKPOINT)
+    b = load_checkpoint(tmp_path / "split" / CHECKPOINT)
+    assert a["step"] == b["step"] == 4
+    flat_a = _flatten({k: a[k] for k in ("model", "ema", "optimizer", "extra")})
+    flat_b = _flatten({k: b[k] for k in ("model", "ema", "optimizer", "extra")})
+    assert flat_a.keys() == flat_b.keys()
+    assert any(k.startswith("extra/disc/") for k in flat_a)  # the discriminator was on (disc_start=1)
+    for key in flat_a:
+        diff = (flat_a[key].double() - flat_b[key].double()).abs().max().item() if flat_a[key].numel() else 0.0
+        assert diff <= 1e-6, f"{key} differs by {diff}"
+    # the run changed the weights at all
+    fresh = MoVQ(TINY_MOVQ).state_dict()
+    assert not torch.equal(fresh["decoder.conv_out.weight"], a["model"]["decoder.conv_out.weight"])
+
+
+def test_rescale_latents_keeps_reconstructions(tmp_path):
+    """Folding a latent scale into quant_conv / post_quant_conv / SpatialNorm convs / codebook changes the
+    latents by exactly that factor and nothing else (fp32 reassociation only: 1e-5)."""
+    generator = torch.Generator().manual_seed(0)
+    movq = MoVQ(TINY_MOVQ).eval()
+    with torch.no_grad():
+        for p in movq.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    images = torch.rand(3, 3, 32, 32, generator=generator) * 2 - 1
+    with torch.no_grad():
+        latents = movq.encode(images)
+        decoded = movq.decode(latents)
+        quantized_rec, _, info = movq(images)
+        rescale_latents_(movq, 0.37)
+        assert torch.allclose(movq.encode(images), 0.37 * latents, atol=1e-6)
+        assert torch.allclose(movq.decode(0.37 * latents), decoded, atol=1e-5)
+        quantized_rec2, _, info2 = movq(images)
+    assert torch.equal(info["indices"], info2["indices"])
+    assert torch.allclose(quantized_rec2, quantized_rec, atol=1e-5)
+
+
+def test_movq_export_loads_and_loss_falls(tmp_path):
+    """The exported movq.safetensors + movq_config.json load strictly; reconstruction loss falls over a short run;
+    the sample grid is written."""
+    config = _config(tmp_path, max_steps=30, disc_start=-1, batch_size=4, grad_accum=1, log_interval=5,
+                     sample_interval=30)
+    train_movq(config, dataset=_dataset())
+    assert (tmp_path / "samples" / "step_000030.png").is_file()
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    l1 = [float(r.split(",")[header.index("l1")]) for r in rows[1:]]
+    assert l1[-1] < 0.6 * l1[0], l1  # measured: about 0.34x after 30 steps
+    movq = load_movq(tmp_path)
+    assert movq.config == TINY_MOVQ
+    images = torch.stack([_dataset()[i][0] for i in range(4)])
+    with torch.no_grad():
+        latents = movq.encode(images)
+    assert latents.abs().flatten().quantile(0.995) < 1.5  # export normalised the latent range to about 1

@@ -1,0 +1,138 @@
+"""U-Net trainer: overfitting a fixed batch, exact stop-and-resume, the training context equals the
+pipeline's single-prompt context, CFG dropout trains the null embedding, the export loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny_text import tiny_text_encoder
+from _tiny_training import UNET, dataset, max_difference, movq_dir, one_thread, unet_config
+
+from kandinsky3.models.text_encoder import TextEncoder
+from kandinsky3.models.unet import UNet, UNetConfig
+from kandinsky3.training.loop import CHECKPOINT, load_checkpoint
+from kandinsky3.training.optim import build_optimizer
+from kandinsky3.training.train_movq import load_movq
+from kandinsky3.training.train_unet import DiffusionModel, train_unet
+
+
+_single_thread = pytest.fixture(autouse=True)(one_thread)
+
+# Wider than _tiny_training.UNET so that 40 steps can memorise a batch.
+OVERFIT_UNET = UNetConfig(model_channels=32, init_channels=16, num_channels=4, out_channels=4, time_embed_dim=32,
+                          context_dim=16, groups=4, head_dim=8, dim_mult=(1, 2), num_blocks=(2, 2))
+
+
+def _model(seed: int = 0, train_t5: bool = True, unet=UNET) -> DiffusionModel:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = tiny_text_encoder(context_dim=unet.context_dim, seed=seed)
+        text = TextEncoder(base.t5, base.tokenizer, context_dim=unet.context_dim, freeze_t5=not train_t5)
+        text.load_state_dict(base.state_dict())
+        return DiffusionModel(UNet(unet), text)
+
+
+def test_tiny_unet_overfits_a_fixed_batch(tmp_path):
+    """Fixed latents (tiny MoVQ of 4 shapes images), t, ε and drop flags: 40 AdamW steps on U-Net + T5 +
+    projection cut the ε-MSE by >= 10x (measured 28x, deterministic on CPU; about 4x after 20 steps)."""
+    movq = load_movq(movq_dir(tmp_path / "movq"))
+    data = dataset(4)
+    images = torch.stack([data[i][0] for i in range(4)])
+    with torch.no_grad():
+        x0 = movq.encode(images)
+    model = _model(unet=OVERFIT_UNET)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.tensor([10, 300, 600, 900])
+    drop = torch.tensor([False, False, True, False])
+    ids, mask = model.text_encoder.tokenize([data[i][1] for i in range(4)])
+    optimizer = build_optimizer("adamw", model.named_parameters(), 2e-3, (0.9, 0.99), 0.0)
+    losses = []
+    for _ in range(40):
+        loss = model(x0, ids, mask, t, noise, drop)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] * 10 < losses[0], (losses[0], losses[-1])
+
+
+def test_training_context_equals_single_prompt_inference_context():
+    """Each sample of a batch gets the U-Net output its prompt alone gets in the pipeline (context of
+    length n+1, or null_context_like of it when dropped), although the batch is padded to the longest
+    prompt: the tail slots carry the mean so the unmasked pooling mean is unchanged (fp32: 1e-5)."""
+    model = _model(seed=1).eval()
+    prompts = ["a red circle", "a large blue square in the center on a black background", "x", "a green triangle"]
+    drop = torch.tensor([False, True, False, True])
+    ids, mask = model.text_encoder.tokenize(prompts)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 4, 8, 8, generator=generator)
+    t = torch.tensor([5, 500, 999, 250])
+    with torch.no_grad():
+        context, context_mask = model.conditioning(ids, mask, drop)
+        batched = model.unet(x, t, context, context_mask)
+        for i, prompt in enumerate(prompts):
+            alone, alone_mask = model.text_encoder.encode([prompt])  # (1, n+1, C): the pipeline's cond context
+            if drop[i]:
+                alone, alone_mask = model.text_encoder.null_context_like(alone, alone_mask)
+            single = model.unet(x[i:i + 1], t[i:i + 1], alone, alone_mask)
+            assert torch.allclose(batched[i:i + 1], single, atol=1e-5), (i, (batched[i] - single[0]).abs().max())
+
+
+def test_cfg_dropout_trains_the_null_embedding():
+    """With a dropped sample the null embedding gets a gradient; with none it gets exactly zero."""
+    model = _model(seed=2)
+    ids, mask = model.text_encoder.tokenize(["a red circle", "a blue square"])
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 700])
+    model(x0, ids, mask, t, noise, torch.tensor([False, True])).backward()
+    assert model.text_encoder.null_embedding.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=False)
+    model(x0, ids, mask, t, noise, torch.tensor([False, False])).backward()
+    assert model.text_encoder.null_embedding.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("mode", ["base", "inpainting"])
+def test_unet_resume_continues_exactly(tmp_path, mode):
+    """4 uninterrupted steps == 2 steps, checkpoint, new objects, resume, 2 steps: trained weights, EMA and
+    optimizer state agree to 1e-6 (deterministic CPU kernels: measured exactly 0). Inpainting starts from
+    the base run's export (GLIDE init) and draws masks per step; the T5 there is frozen."""
+    movq = movq_dir(tmp_path / "movq")
+    extra = {}
+    if mode == "inpainting":
+        train_unet(unet_config(tmp_path / "base", movq, max_steps=1), dataset=dataset())
+        final = tmp_path / "base" / "final"
+        extra = dict(mode="inpainting", unet={**UNET.to_dict(), "num_channels": 9}, init_unet=str(final / "unet"),
+                     text_encoder_path=str(final / "text_encoder"), t5_config={}, train_text_encoder=False,
+                     optimizer="lion", lr=1e-4)
+    # the uninterrupted run also writes a sample grid (EMA weights swapped in and out): training must not notice
+    train_unet(unet_config(tmp_path / "straight", movq, sample_interval=3, **extra), dataset=dataset())
+    assert (tmp_path / "straight" / "samples" / "step_000003.png").is_file()
+    train_unet(unet_config(tmp_path / "split", movq, max_steps=2, **extra), dataset=dataset())
+    torch.manual_seed(4321)  # the global RNG must not matter
+    train_unet(unet_config(tmp_path / "split", movq, **extra), resume=True, dataset=dataset())
+    a = load_checkpoint(tmp_path / "straight" / CHECKPOINT)
+    b = load_checkpoint(tmp_path / "split" / CHECKPOINT)
+    assert a["step"] == b["step"] == 4
+    worst, where = max_difference({k: a[k] for k in ("model", "ema", "optimizer")},
+                                  {k: b[k] for k in ("model", "ema", "optimizer")})
+    assert worst <= 1e-6, (where, worst)
+    assert ("text_encoder.t5.shared.weight" in a["model"]) == (mode == "base")  # a frozen T5 is not saved
+
+
+def test_export_loads_with_the_native_loader(tmp_path):
+    """final/ is a native kandinsky3 folder: the project loader builds the components and a pipeline runs."""
+    loading = pytest.importorskip("kandinsky3.weights.loading")
+    from kandinsky3.pipelines.text_to_image import Kandinsky3Pipeline
+
+    train_unet(unet_config(tmp_path / "run", movq_dir(tmp_path / "movq"), max_steps=2, ema_decay=0.0),
+               dataset=dataset())
+    components = loading.load_components(tmp_path / "run" / "final")
+    assert components.conditioning == "original" and components.variant == "base"
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT)["model"]
+    for key, value in components.unet.state_dict().items():
+        assert torch.equal(value, state[f"unet.{key}"]), key
+    assert torch.equal(components.text_encoder.null_embedding, state["text_encoder.null_embedding"])
+    pipe = Kandinsky3Pipeline(components.unet, components.movq, components.text_encoder)
+    images = pipe("a red circle", width=32, height=32, steps=2, seed=0, output_type="pt", progress=False)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
