@@ -226,7 +226,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_train)
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:  # reached only through build_parser() users; main() delegates
     from kandinsky3.training.__main__ import main as train_main
 
     return train_main(args.train_args)
@@ -249,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the subcommand; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the trainer has its own parser (flags such as --resume and --help)
+        from kandinsky3.training.__main__ import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from kandinsky3.weights import CheckpointError
