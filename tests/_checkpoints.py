@@ -21,12 +21,12 @@ from __future__ import annotations
 import functools
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from _tiny_models import randomize_near_identity_ as randomize_
 from _tiny_text import TINY_CORPUS, tiny_t5_config, tiny_t5_encoder, tiny_text_encoder, tiny_tokenizer
 
 from kandinsky3.models.movq import MoVQ, MoVQConfig
@@ -81,20 +81,6 @@ class Written:
     t5_path: Path | None = None
     diffusers_unet: object = None
     diffusers_movq: object = None
-
-
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Overwrite every parameter: fan-in scaled normals for weights, 1 ± 0.1 for norm scales, ±0.1 biases."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, parameter in module.named_parameters():
-        noise = torch.randn(parameter.shape, generator=generator)
-        if parameter.ndim >= 2:
-            parameter.copy_(noise / math.sqrt(parameter[0].numel()))
-        else:
-            is_scale = "norm" in name and name.endswith("weight")
-            parameter.copy_(0.1 * noise + (1.0 if is_scale else 0.0))
-    return module.eval()
 
 
 def make_unet(config: UNetConfig = TINY_UNET, seed: int = 0) -> UNet:

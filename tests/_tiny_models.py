@@ -25,6 +25,21 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
+@torch.no_grad()
+def randomize_near_identity_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Overwrite every parameter from ``seed`` alone: fan-in scaled normal weights, norm scales
+    1 ± 0.1, other 1-D parameters ±0.1 (nothing of the default, global-RNG initialisation survives)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in module.named_parameters():
+        noise = torch.randn(parameter.shape, generator=generator)
+        if parameter.ndim >= 2:
+            parameter.copy_(noise / math.sqrt(parameter[0].numel()))
+        else:
+            is_scale = "norm" in name and name.endswith("weight")
+            parameter.copy_(0.1 * noise + (1.0 if is_scale else 0.0))
+    return module
+
+
 def tiny_unet_config(num_channels: int = 4) -> UNetConfig:
     return UNetConfig(
         model_channels=32, init_channels=16, num_channels=num_channels, out_channels=4, time_embed_dim=32,

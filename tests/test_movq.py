@@ -7,10 +7,10 @@ The oracle is diffusers' VQModel with every parameter randomised (SPEC §10.1): 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
+from _tiny_models import randomize_near_identity_
 
 from kandinsky3.models.movq import MoVQ, MoVQConfig, VectorQuantizer, codebook_perplexity, count_parameters
 from kandinsky3.weights.movq_keys import (
@@ -52,23 +52,9 @@ def _diffusers_vq(config: MoVQConfig, num_vq_embeddings: int = 12) -> "diffusers
 
 
 @torch.no_grad()
-def _randomise_(module: torch.nn.Module, seed: int) -> None:
-    """Overwrite every parameter from ``seed`` alone: weights fan-in scaled normal, norm scales 1 ± 0.1, biases ±0.1.
-
-    Nothing of the default initialisation (drawn from the global RNG) survives, so the test is order-independent.
-    """
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if p.ndim >= 2:
-            p.copy_(noise / math.sqrt(p[0].numel()))
-        else:
-            p.copy_(0.1 * noise + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-
-
 def _oracle_pair(config: MoVQConfig, seed: int, num_vq_embeddings: int = 12):
     vq = _diffusers_vq(config, num_vq_embeddings).eval()
-    _randomise_(vq, seed)
+    randomize_near_identity_(vq, seed)
     ours = MoVQ(config).eval()
     ours.load_state_dict(diffusers_to_original_movq(vq.state_dict(), config), strict=True)
     return vq, ours
@@ -120,7 +106,7 @@ def test_decode_in_chunks_equals_whole_batch():
 
 def test_original_to_diffusers_to_original_round_trip_is_identity():
     model = MoVQ(DEEP)
-    _randomise_(model, seed=4)
+    randomize_near_identity_(model, seed=4)
     sd = model.state_dict()
     back = diffusers_to_original_movq(original_to_diffusers_movq(sd, DEEP), DEEP)
     assert set(back) == set(sd)
@@ -129,7 +115,7 @@ def test_original_to_diffusers_to_original_round_trip_is_identity():
 
 def test_diffusers_to_original_to_diffusers_round_trip_is_identity():
     vq = _diffusers_vq(DEEP)
-    _randomise_(vq, seed=5)
+    randomize_near_identity_(vq, seed=5)
     sd = vq.state_dict()
     codebook = sd["quantize.embedding.weight"]
     back = original_to_diffusers_movq(diffusers_to_original_movq(sd, DEEP), DEEP, codebook=codebook)
@@ -141,7 +127,7 @@ def test_diffusers_to_original_to_diffusers_round_trip_is_identity():
 def test_codebook_is_mapped_and_training_state_started_fresh():
     config = MoVQConfig(**{**TINY.to_dict(), "codebook_size": 12, "codebook_ema": True})
     vq = _diffusers_vq(config)
-    _randomise_(vq, seed=6)
+    randomize_near_identity_(vq, seed=6)
     converted = diffusers_to_original_movq(vq.state_dict(), config)
     assert torch.equal(converted["quantize.embedding.weight"], vq.quantize.embedding.weight)
     assert torch.equal(converted["quantize.embed_sum"], vq.quantize.embedding.weight)
@@ -336,7 +322,7 @@ def test_codebook_perplexity_ranges_from_one_to_num_codes():
 
 def test_bf16_encode_decode_stays_close_to_fp32():
     model = MoVQ(TINY).eval()
-    _randomise_(model, seed=7)
+    randomize_near_identity_(model, seed=7)
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1
     with torch.no_grad():
         z32 = model.encode(x)

@@ -7,11 +7,10 @@ diffusers-layout weights our pipeline uses diffusers' conditioning semantics, so
 must agree up to float rounding: tolerance 1e-4 on [0, 1] images (observed ~1e-6).
 """
 
-import math
-
 import numpy as np
 import pytest
 import torch
+from _tiny_models import randomize_
 from _tiny_text import tiny_t5_encoder, tiny_tokenizer
 from diffusers import DDIMScheduler, Kandinsky3Img2ImgPipeline, Kandinsky3Pipeline, Kandinsky3UNet, VQModel
 from PIL import Image
@@ -32,14 +31,6 @@ SCHEDULER_CONFIG = {  # kandinsky-community/kandinsky-3 scheduler_config.json (S
 }
 
 
-def _randomize(module, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            fan_in = param[0].numel() if param.ndim > 1 else 1
-            param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
-
-
 @pytest.fixture(scope="module")
 def both():
     """(diffusers components dict, our (unet, movq, text_encoder)) with identical weights."""
@@ -48,13 +39,13 @@ def both():
         in_channels=4, time_embedding_dim=32, groups=4, attention_head_dim=8, layers_per_block=2,
         block_out_channels=(32, 64), cross_attention_dim=24, encoder_hid_dim=32,
     ).eval()
-    _randomize(unet, 0)
+    randomize_(unet, 0)
     movq = VQModel(
         block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
         up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, layers_per_block=1,
         norm_num_groups=32, norm_type="spatial", num_vq_embeddings=12, vq_embed_dim=4,
     ).eval()
-    _randomize(movq, 1)
+    randomize_(movq, 1)
     reference = dict(tokenizer=tokenizer, text_encoder=t5, unet=unet, movq=movq)
 
     unet_sd, projection = diffusers_to_original_unet(unet.state_dict())

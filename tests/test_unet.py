@@ -5,10 +5,10 @@ different order (diffusers adds a -10000 bias where we pass a boolean mask, and 
 attention from separate kernels), so differences are rounding only (~1e-6 observed).
 """
 
-import math
 
 import pytest
 import torch
+from _tiny_models import randomize_
 from diffusers import Kandinsky3UNet
 from diffusers.pipelines.kandinsky3.convert_kandinsky3_unet import convert_state_dict
 
@@ -31,15 +31,6 @@ DIFFUSERS_CONFIGS = {
         block_out_channels=(32, 64, 128), cross_attention_dim=32, encoder_hid_dim=16,
     ),
 }
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Give every parameter (also the zero-initialised norm projections) random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            fan_in = param[0].numel() if param.ndim > 1 else 1
-            param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
 
 
 def make_pair(name: str, seed: int = 0):
