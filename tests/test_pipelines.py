@@ -192,3 +192,38 @@ def test_img2img_runs_the_strength_share_and_accepts_latents():
     assert from_latents.shape == (1, 4, 12, 16)
     with pytest.raises(ValueError, match="strength"):
         pipe("a", image, strength=0.0, progress=False)
+
+
+class _RecordingModule(torch.nn.Linear):
+    """Records the devices it is sent to instead of moving (no second device exists in the tests)."""
+
+    def __init__(self):
+        super().__init__(1, 1)
+        self.moves = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append(str(args[0]))
+        return self
+
+
+def test_offload_moves_a_component_to_its_device_only_while_it_runs():
+    from kandinsky3.pipelines.common import check_offload, placed
+
+    module = _RecordingModule()
+    offload = check_offload({"unet": "cpu", "text_encoder": "meta", "movq": "cpu"})
+    with placed(module, offload, "text_encoder"):
+        assert module.moves == ["meta"]
+    assert module.moves == ["meta", "cpu"]
+    with placed(module, None, "text_encoder"):
+        pass
+    assert module.moves == ["meta", "cpu"]
+    with pytest.raises(ValueError, match="offload must map"):
+        check_offload({"unet": "cpu"})
+
+
+def test_offloaded_pipeline_gives_the_same_images():
+    components = tiny_components()
+    plain = Kandinsky3Pipeline(*components)("a red circle", seed=0, output_type="np", **FAST)
+    offload = {"unet": "cpu", "text_encoder": "cpu", "movq": "cpu"}
+    offloaded = Kandinsky3Pipeline(*components, offload=offload)("a red circle", seed=0, output_type="np", **FAST)
+    assert np.array_equal(plain, offloaded)

@@ -10,7 +10,8 @@ layout (original 3.0/3.1, diffusers, native) or "tiny".  ``unet_path`` / ``movq_
 ``text_encoder_path`` replace single components (files or folders).  ``load_options`` are passed
 to :func:`kandinsky3.weights.load_components`: ``head_dim``, ``groups``, ``norm_groups`` (needed
 only for small original-layout files, whose configs are inferred from shapes), ``unet_config``,
-``movq_config``, ``t5_path`` (the T5 folder of a 3.0 checkpoint).
+``movq_config``, ``t5_path`` (the T5 folder of a 3.0 checkpoint).  ``offload=True`` keeps every
+component on the CPU and moves each to its ``device_map`` device only while it runs.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def _load(model, variant, places, unet_path, movq_path, text_encoder_path, optio
     return loaded, conditioning, scheduler_config
 
 
-def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, options, unsupported):
+def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, options, offload,
+           unsupported):
     allowed = {"unet_config", "movq_config", "head_dim", "groups", "norm_groups", "t5_path"}
     options = dict(options or {})
     if set(options) - allowed:
@@ -142,14 +144,18 @@ def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, 
         )
     variant = {"t2i": "base", "img2img": "base", "flash": "flash", "inpainting": "inpainting"}[kind]
     places = placement(device_map, dtype_map, fp16, tiny=str(model) == "tiny")
+    offload_map = {name: device for name, (device, _) in places.items()} if offload else None
+    if offload:  # load on the CPU; each component visits its device only while it runs
+        places = {name: (torch.device("cpu"), dtype) for name, (_, dtype) in places.items()}
     components, conditioning, scheduler_config = _load(
         resolve_model(model, variant), variant, places, unet_path, movq_path, text_encoder_path, options
     )
     args = (components["unet"], components["movq"], components["text_encoder"])
     if kind == "inpainting":
-        return Kandinsky3InpaintingPipeline(*args, conditioning=conditioning)
+        return Kandinsky3InpaintingPipeline(*args, conditioning=conditioning, offload=offload_map)
     cls = Kandinsky3Img2ImgPipeline if kind == "img2img" else Kandinsky3Pipeline
-    return cls(*args, conditioning=conditioning, scheduler_config=scheduler_config, flash=kind == "flash")
+    return cls(*args, conditioning=conditioning, scheduler_config=scheduler_config, flash=kind == "flash",
+               offload=offload_map)
 
 
 def get_T2I_pipeline(
@@ -162,11 +168,13 @@ def get_T2I_pipeline(
     movq_path: str | Path | None = None,
     text_encoder_path: str | Path | None = None,
     load_options: dict[str, Any] | None = None,
+    offload: bool = False,
     **unsupported: Any,
 ) -> Kandinsky3Pipeline:
     """Text-to-image pipeline.  ``device_map``/``dtype_map`` take one value or a dict with the
     keys "unet", "text_encoder", "movq" (the 3.1 API); ``fp16=True`` is the 3.0 API."""
-    return _build("t2i", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, unsupported)
+    return _build("t2i", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, offload,
+                  unsupported)
 
 
 def get_T2I_Flash_pipeline(
@@ -179,10 +187,12 @@ def get_T2I_Flash_pipeline(
     movq_path: str | Path | None = None,
     text_encoder_path: str | Path | None = None,
     load_options: dict[str, Any] | None = None,
+    offload: bool = False,
     **unsupported: Any,
 ) -> Kandinsky3Pipeline:
     """Kandinsky Flash (3.1's distilled U-Net and ``projection_flash``): 4 steps, no guidance."""
-    return _build("flash", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, unsupported)
+    return _build("flash", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, offload,
+                  unsupported)
 
 
 def get_inpainting_pipeline(
@@ -195,10 +205,12 @@ def get_inpainting_pipeline(
     movq_path: str | Path | None = None,
     text_encoder_path: str | Path | None = None,
     load_options: dict[str, Any] | None = None,
+    offload: bool = False,
     **unsupported: Any,
 ) -> Kandinsky3InpaintingPipeline:
     """Inpainting pipeline (9-channel U-Net, ``projection_inpainting``); mask 1 = repaint."""
-    return _build("inpainting", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, unsupported)
+    return _build("inpainting", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, offload,
+                  unsupported)
 
 
 def get_img2img_pipeline(
@@ -211,7 +223,9 @@ def get_img2img_pipeline(
     movq_path: str | Path | None = None,
     text_encoder_path: str | Path | None = None,
     load_options: dict[str, Any] | None = None,
+    offload: bool = False,
     **unsupported: Any,
 ) -> Kandinsky3Img2ImgPipeline:
     """Img2img pipeline over the base weights (diffusers' strength semantics)."""
-    return _build("img2img", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, unsupported)
+    return _build("img2img", device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, load_options, offload,
+                  unsupported)

@@ -68,12 +68,14 @@ class Kandinsky3Img2ImgPipeline(Kandinsky3Pipeline):
         if sampler == "dpmpp_2m":
             raise ValueError("img2img supports the 'original', 'ddpm' and 'ddim' samplers")
         timesteps = schedule.img2img_timesteps(timesteps, strength)
-        init = self._image_latents(image, len(prompt_list), width, height)  # (P, 4, h, w)
+        with common.placed(self.movq, self.offload, "movq"):
+            init = self._image_latents(image, len(prompt_list), width, height)  # (P, 4, h, w)
         init = init.repeat_interleave(num_images_per_prompt, dim=0)  # (B, 4, h, w)
         generators = common.make_generators(seed, generator, len(prompts))
-        conditions = common.encode_text(
-            self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
-        )
+        with common.placed(self.text_encoder, self.offload, "text_encoder"):
+            conditions = common.encode_text(
+                self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
+            )
         start_t = timesteps[0]
 
         def start(indices: list[int], gen) -> torch.Tensor:
@@ -81,14 +83,17 @@ class Kandinsky3Img2ImgPipeline(Kandinsky3Pipeline):
             noise = common.initial_noise(tuple(x0.shape), gen, torch.device("cpu"))
             return schedule.q_sample(x0, noise, start_t, self.alphas_cumprod)
 
-        latents = common.denoise(
-            self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
-            alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
-            sampler_kwargs=kwargs, callback=callback, progress=progress,
-        )
+        with common.placed(self.unet, self.offload, "unet"):
+            latents = common.denoise(
+                self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
+                alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
+                sampler_kwargs=kwargs, callback=callback, progress=progress,
+            )
         if output_type == "latent":
             return latents
-        return common.to_output(common.decode_latents(self.movq, latents), output_type)
+        with common.placed(self.movq, self.offload, "movq"):
+            images = common.decode_latents(self.movq, latents)
+        return common.to_output(images, output_type)
 
     def _image_latents(self, image, num_prompts: int, width: int | None, height: int | None) -> torch.Tensor:
         """(P, 4, h, w) fp32 CPU latents of the input image(s), one per prompt."""

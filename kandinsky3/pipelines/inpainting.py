@@ -82,7 +82,7 @@ class Kandinsky3InpaintingPipeline:
     threshold_percentile = 0.95
 
     def __init__(self, unet: torch.nn.Module, movq: torch.nn.Module, text_encoder: TextEncoder, *,
-                 conditioning: str = "original"):
+                 conditioning: str = "original", offload: dict[str, Any] | None = None):
         if unet.config.num_channels != 2 * movq.config.z_channels + 1:
             raise ValueError(
                 f"inpainting needs a U-Net with {2 * movq.config.z_channels + 1} input channels "
@@ -92,6 +92,7 @@ class Kandinsky3InpaintingPipeline:
             raise ValueError(f"conditioning must be one of {common.CONDITIONING_STYLES}, got {conditioning!r}")
         self.unet, self.movq, self.text_encoder = unet, movq, text_encoder
         self.conditioning = conditioning
+        self.offload = common.check_offload(offload)  # as in Kandinsky3Pipeline
         self.alphas_cumprod = schedule.cosine_alphas_cumprod()
 
     def __call__(
@@ -146,25 +147,29 @@ class Kandinsky3InpaintingPipeline:
         width, height = working_size(*image.size, common.size_multiple(self.unet, self.movq))
         pixels = common.pil_to_tensor(image, width, height)  # (1, 3, H', W') in [-1, 1]
         repaint = self._resize_mask(user_mask, width, height)  # (1, 1, H', W')
-        extra = self._conditioning_channels(pixels, repaint)  # (1, 5, h, w)
+        with common.placed(self.movq, self.offload, "movq"):
+            extra = self._conditioning_channels(pixels, repaint)  # (1, 5, h, w)
         extra = extra.expand(len(prompts), -1, -1, -1)
         generators = common.make_generators(seed, generator, len(prompts))
-        conditions = common.encode_text(
-            self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
-        )
+        with common.placed(self.text_encoder, self.offload, "text_encoder"):
+            conditions = common.encode_text(
+                self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
+            )
         latent_shape = (self.movq.config.z_channels, *extra.shape[-2:])
 
         def start(indices: list[int], gen) -> torch.Tensor:
             return common.initial_noise((len(indices), *latent_shape), gen, torch.device("cpu"))
 
-        latents = common.denoise(
-            self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
-            alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
-            sampler_kwargs=kwargs, extra_channels=extra, callback=callback, progress=progress,
-        )
+        with common.placed(self.unet, self.offload, "unet"):
+            latents = common.denoise(
+                self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
+                alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
+                sampler_kwargs=kwargs, extra_channels=extra, callback=callback, progress=progress,
+            )
         if output_type == "latent":
             return latents
-        generated = common.decode_latents(self.movq, latents)  # (B, 3, H', W') in [-1, 1]
+        with common.placed(self.movq, self.offload, "movq"):
+            generated = common.decode_latents(self.movq, latents)  # (B, 3, H', W') in [-1, 1]
         return common.to_output(self._finish(generated, image, user_mask, paste_back), output_type)
 
     def _resize_mask(self, mask: np.ndarray, width: int, height: int) -> torch.Tensor:

@@ -29,6 +29,9 @@ class Kandinsky3Pipeline:
         scheduler_config: a diffusers ``scheduler_config.json`` dict, if the weights brought one;
             then "ddpm" (25 steps, leading spacing) is the default sampler, as in diffusers.
         flash: Kandinsky Flash: 4 fixed steps, no guidance, no negative prompt.
+        offload: {"unet": device, "text_encoder": device, "movq": device}: keep every component
+            on the CPU and move it to its device only while it runs (the 8.6B text encoder is
+            never resident beside the U-Net); None = components stay where they are.
     """
 
     default_guidance_scale = 3.0
@@ -43,6 +46,7 @@ class Kandinsky3Pipeline:
         conditioning: str = "original",
         scheduler_config: dict[str, Any] | None = None,
         flash: bool = False,
+        offload: dict[str, Any] | None = None,
     ):
         if conditioning not in common.CONDITIONING_STYLES:
             raise ValueError(f"conditioning must be one of {common.CONDITIONING_STYLES}, got {conditioning!r}")
@@ -51,6 +55,7 @@ class Kandinsky3Pipeline:
         self.conditioning = conditioning
         self.scheduler_config = scheduler_config
         self.flash = flash
+        self.offload = common.check_offload(offload)
         self.alphas_cumprod = schedule.cosine_alphas_cumprod()
 
     @property
@@ -115,23 +120,27 @@ class Kandinsky3Pipeline:
         shape = (len(prompts), self.unet.config.out_channels, height // factor, width // factor)
         latents = self._check_latents(latents, shape)
         generators = common.make_generators(seed, generator, len(prompts))
-        conditions = common.encode_text(
-            self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
-        )
+        with common.placed(self.text_encoder, self.offload, "text_encoder"):
+            conditions = common.encode_text(
+                self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
+            )
 
         def start(indices: list[int], gen) -> torch.Tensor:
             if latents is not None:
                 return latents[indices]
             return common.initial_noise((len(indices), *shape[1:]), gen, torch.device("cpu"))
 
-        result = common.denoise(
-            self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
-            alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
-            sampler_kwargs=kwargs, callback=callback, progress=progress,
-        )
+        with common.placed(self.unet, self.offload, "unet"):
+            result = common.denoise(
+                self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
+                alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
+                sampler_kwargs=kwargs, callback=callback, progress=progress,
+            )
         if output_type == "latent":
             return result
-        return common.to_output(common.decode_latents(self.movq, result, decode_slice_size), output_type)
+        with common.placed(self.movq, self.offload, "movq"):
+            images = common.decode_latents(self.movq, result, decode_slice_size)
+        return common.to_output(images, output_type)
 
     # ----------------------------------------------------------------------------------- checks
 
