@@ -108,7 +108,7 @@ class Kandinsky3Pipeline:
         Returns:
             The images in ``output_type`` form, B = len(prompts) · num_images_per_prompt.
         """
-        prompts, negatives, count = self._check_inputs(
+        prompts, negatives = self._check_inputs(
             prompt, negative_prompt, num_images_per_prompt, images_num, width, height, output_type
         )
         sampler, w = self._check_sampling(sampler, steps, guidance_scale, negative_prompt, eta)
@@ -147,14 +147,14 @@ class Kandinsky3Pipeline:
     def _check_inputs(self, prompt, negative_prompt, num_images, images_num, width, height, output_type):
         """Prompts and negatives repeated per image; raises on bad sizes, counts or types."""
         if images_num is not None:
-            if num_images_per_prompt_given(num_images):
+            if num_images != 1:
                 raise ValueError("pass either images_num or num_images_per_prompt, not both")
             num_images = images_num
         prompts = common.as_prompt_list(prompt)
         negatives = common.expand_negatives(negative_prompt, len(prompts), num_images)
         common.check_size(width, height, common.size_multiple(self.unet, self.movq))
         common.check_output_type(output_type)
-        return common.repeat_prompts(prompts, num_images), negatives, num_images
+        return common.repeat_prompts(prompts, num_images), negatives
 
     def _check_sampling(self, sampler, steps, guidance_scale, negative_prompt, eta):
         """The sampler name and guidance weight w; Flash refuses what it would ignore."""
@@ -185,8 +185,3 @@ class Kandinsky3Pipeline:
         if latents is not None and tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
         return latents
-
-
-def num_images_per_prompt_given(value: int) -> bool:
-    """True when num_images_per_prompt differs from its default of 1."""
-    return value != 1
