@@ -308,12 +308,24 @@ def context_lengths(conditions: TextConditions) -> list[int]:
     return [min(length, int(n) + 2) for n in last]
 
 
-def length_groups(indices: range, lengths: list[int]) -> list[tuple[list[int], int]]:
-    """Split image indices into groups of equal context length, keeping their order."""
-    groups: dict[int, list[int]] = {}
-    for i in indices:
-        groups.setdefault(lengths[i], []).append(i)
-    return [(members, length) for length, members in groups.items()]
+def pool_as_alone(conditions: TextConditions, lengths: list[int]) -> TextConditions:
+    """Make each image's pooled text vector the one it has when encoded alone.
+
+    The attention pooling's query is the mean over *all* L context slots, pads included, so an
+    image would depend on the longest prompt of its batch.  Slots ≥ L_i of image i (masked for
+    every attention) are filled with the mean of its first L_i slots: the mean over L slots then
+    equals the mean over its own L_i, and nothing else sees those slots.
+    """
+    def fill(pair):
+        if pair is None:
+            return None
+        context, mask = pair
+        own_length = torch.tensor(lengths, device=context.device)  # (B,)
+        own = torch.arange(context.shape[1], device=context.device)[None, :] < own_length[:, None]  # (B, L)
+        mean = (context * own[..., None]).sum(dim=1, keepdim=True) / own_length[:, None, None]  # (B, 1, D)
+        return torch.where(own[..., None], context, mean.to(context.dtype)), mask & own
+
+    return TextConditions(fill(conditions.cond), fill(conditions.uncond))
 
 
 def select(generator, indices: list[int]):
@@ -321,10 +333,15 @@ def select(generator, indices: list[int]):
     return [generator[i] for i in indices] if isinstance(generator, list) else generator
 
 
-def gather_conditions(conditions: TextConditions, indices: list[int], length: int) -> TextConditions:
-    """The conditions of some images, cut to ``length`` slots."""
+def gather_conditions(conditions: TextConditions, part: slice) -> TextConditions:
+    """The conditions of the images in ``part``, cut to the longest context among them."""
+    length = max(context_lengths(TextConditions(
+        (conditions.cond[0][part], conditions.cond[1][part]),
+        None if conditions.uncond is None else (conditions.uncond[0][part], conditions.uncond[1][part]),
+    )))
+
     def pick(pair):
-        return None if pair is None else (pair[0][indices, :length], pair[1][indices, :length])
+        return None if pair is None else (pair[0][part, :length], pair[1][part, :length])
 
     return TextConditions(pick(conditions.cond), pick(conditions.uncond))
 
@@ -386,32 +403,30 @@ def denoise(
     text-to-image, noised image latents for img2img).  ``extra_channels`` (B, C, h, w) is
     concatenated to x_t at every call (inpainting's keep-mask and masked latent).
 
-    The attention pooling's query is the mean over all context slots, pads included, so an
-    image's result would depend on the longest prompt of its batch.  Each mini-batch is
-    therefore split into groups of equal context length, each cut to the length its prompts
-    have alone: a batch of prompts gives the images of the prompts one by one.
+    Each image's pooled text vector is the one it has alone (:func:`pool_as_alone`), so a batch
+    of prompts gives the images of the prompts one by one.
     """
     device = module_device(unet)
     latent_dtype = torch.promote_types(torch.float32, next(unet.parameters()).dtype)  # fp32, or fp64
     conditions = move_conditions(conditions, device)
+    conditions = pool_as_alone(conditions, context_lengths(conditions))
     net_call = unet_call(unet)
-    lengths = context_lengths(conditions)
-    results: list[torch.Tensor | None] = [None] * len(lengths)
-    for part in batch_slices(len(lengths), batch_size):
-        for indices, length in length_groups(range(part.start, part.stop), lengths):
-            generator = select(generators, indices)
-            text = gather_conditions(conditions, indices, length)
-            extra = None if extra_channels is None else extra_channels[indices].to(device)
-            denoiser = guidance.make_cfg_denoiser(net_call, text.cond, text.uncond, w, extra_channels=extra)
-            bar = None
-            if progress:
-                bar = lambda steps: tqdm(steps, total=len(timesteps), desc="denoising", leave=False)  # noqa: E731
-            with torch.inference_mode():
-                x = start(indices, generator).to(device, latent_dtype)
-                out = sample_fn(
+    results = []
+    for part in batch_slices(conditions.cond[0].shape[0], batch_size):
+        indices = list(range(part.start, part.stop))
+        generator = select(generators, indices)
+        text = gather_conditions(conditions, part)
+        extra = None if extra_channels is None else extra_channels[part].to(device)
+        denoiser = guidance.make_cfg_denoiser(net_call, text.cond, text.uncond, w, extra_channels=extra)
+        bar = None
+        if progress:
+            bar = lambda steps: tqdm(steps, total=len(timesteps), desc="denoising", leave=False)  # noqa: E731
+        with torch.inference_mode():
+            x = start(indices, generator).to(device, latent_dtype)
+            results.append(
+                sample_fn(
                     denoiser, x, timesteps, alphas_cumprod, generator=generator, callback=callback,
                     progress=bar, **sampler_kwargs,
                 )
-            for row, i in enumerate(indices):
-                results[i] = out[row]
-    return torch.stack(results)
+            )
+    return torch.cat(results)
