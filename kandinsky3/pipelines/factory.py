@@ -10,7 +10,9 @@ layout (original 3.0/3.1, diffusers, native) or "tiny".  ``unet_path`` / ``movq_
 ``text_encoder_path`` replace single components (files or folders).  ``load_options`` are passed
 to :func:`kandinsky3.weights.load_components`: ``head_dim``, ``groups``, ``norm_groups`` (needed
 only for small original-layout files, whose configs are inferred from shapes), ``unet_config``,
-``movq_config``, ``t5_path`` (the T5 folder of a 3.0 checkpoint).  ``offload=True`` keeps every
+``movq_config``, ``t5_path`` (the T5 folder of a 3.0 checkpoint), ``stream_t5`` (default "auto": the T5 encoder
+runs block by block from its files when it would take more than a third of its device's free memory — the 17 GB
+Flan-UL2 encoder on a 24 GB machine or a 16 GB GPU; True/False force it).  ``offload=True`` keeps every
 component on the CPU and moves each to its ``device_map`` device only while it runs.
 """
 
@@ -120,10 +122,12 @@ def _load(model, variant, places, unet_path, movq_path, text_encoder_path, optio
                 loaded[name] = load_movq(path, dtype=dtype, device=device, **hints)
             else:
                 loaded[name] = load_text_encoder(
-                    path, variant=variant, dtype=dtype, device=device, t5_path=options.get("t5_path")
+                    path, variant=variant, dtype=dtype, device=device, t5_path=options.get("t5_path"),
+                    stream_t5=options.get("stream_t5", "auto"),
                 )
             continue
-        parts = load_components(model, variant=variant, dtype=dtype, device=device, components=(name,), **options)
+        parts = load_components(model, variant=variant, dtype=dtype, device=device, components=(name,),
+                                **{"stream_t5": "auto", **options})
         loaded[name] = getattr(parts, name)
         if name == "text_encoder":
             conditioning = parts.conditioning
@@ -133,7 +137,7 @@ def _load(model, variant, places, unet_path, movq_path, text_encoder_path, optio
 
 def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, options, offload,
            unsupported):
-    allowed = {"unet_config", "movq_config", "head_dim", "groups", "norm_groups", "t5_path"}
+    allowed = {"unet_config", "movq_config", "head_dim", "groups", "norm_groups", "t5_path", "stream_t5"}
     options = dict(options or {})
     if set(options) - allowed:
         raise TypeError(f"unknown load_options {sorted(set(options) - allowed)}; allowed: {sorted(allowed)}")

@@ -23,6 +23,7 @@ from kandinsky3.weights.infer import infer_movq_config, infer_unet_config
 from kandinsky3.weights.safe_io import CheckpointError, check_shapes
 from kandinsky3.weights.sources import ModelSource, TensorSource, TextSource
 from kandinsky3.weights.t5 import load_t5, load_tokenizer
+from kandinsky3.weights.t5_stream import load_streamed_t5, should_stream
 
 __all__ = [
     "KINDS",
@@ -130,12 +131,24 @@ def _check_conditioning(text: TextSource, d_model: int) -> int:
     return context_dim
 
 
-def build_text_encoder(text: TextSource, *, dtype: torch.dtype | None = None, device="cpu") -> TextEncoder:
+def build_text_encoder(
+    text: TextSource, *, dtype: torch.dtype | None = None, device="cpu", stream_t5: bool | str = False
+) -> TextEncoder:
     """T5 (transformers) + tokenizer + projection + null embedding (zeros when absent, diffusers style).
 
-    dtype None: T5 as stored, projection and null embedding as stored.
+    dtype None: T5 as stored, projection and null embedding as stored. ``stream_t5``: True runs T5 block by block
+    from its files (:mod:`kandinsky3.weights.t5_stream`), "auto" does so when T5 would take more than a third of
+    the device's free memory, False loads it whole.
     """
-    t5 = load_t5(Path(text.t5_folder), variant=text.t5_variant, dtype=dtype, device=device)
+    folder = Path(text.t5_folder)
+    if stream_t5 not in (True, False, "auto"):
+        raise ValueError(f"stream_t5 must be True, False or 'auto', got {stream_t5!r}")
+    if stream_t5 == "auto":
+        stream_t5 = should_stream(folder, text.t5_variant, dtype, device)
+    if stream_t5:
+        t5 = load_streamed_t5(folder, variant=text.t5_variant, dtype=dtype, device=device)
+    else:
+        t5 = load_t5(folder, variant=text.t5_variant, dtype=dtype, device=device)
     context_dim = _check_conditioning(text, int(t5.config.d_model))
     tokenizer = load_tokenizer(Path(text.tokenizer_folder))
     encoder = TextEncoder(t5, tokenizer, context_dim=context_dim)

@@ -47,6 +47,7 @@ from kandinsky3.weights.original import OriginalCheckpoint, is_original_folder, 
 from kandinsky3.weights.safe_io import CheckpointError
 from kandinsky3.weights.sources import DictSource, ModelSource, SafetensorsSource
 from kandinsky3.weights.t5 import write_t5
+from kandinsky3.weights.t5_stream import is_streamed
 
 __all__ = [
     "COMPONENTS",
@@ -187,13 +188,15 @@ def load_text_encoder(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     t5_path: str | Path | None = None,
+    stream_t5: bool | str = False,
 ) -> TextEncoder:
     """Load T5 + tokenizer + the variant's projection (+ null embedding in the original and native layouts).
 
     ``t5_path`` replaces the T5 folder of an original checkpoint (3.0 reads ``google/flan-ul2`` otherwise).
+    ``stream_t5`` (True / "auto" / False) runs T5 block by block from its files, see :func:`build_text_encoder`.
     """
     checkpoint = open_checkpoint(path, variant=variant, components=("text_encoder",), t5_path=t5_path)
-    return build_text_encoder(checkpoint.text_source(), dtype=parse_dtype(dtype), device=device)
+    return build_text_encoder(checkpoint.text_source(), dtype=parse_dtype(dtype), device=device, stream_t5=stream_t5)
 
 
 def load_components(
@@ -209,11 +212,13 @@ def load_components(
     head_dim: int = 64,
     groups: int = 32,
     norm_groups: int = 32,
+    stream_t5: bool | str = False,
 ) -> Components:
     """Load several components of one checkpoint folder or Hub repo; the others are None.
 
     ``unet_config``/``movq_config`` override the checkpoint's configs; ``head_dim``, ``groups`` (U-Net) and
-    ``norm_groups`` (MoVQ) are used only when a config is inferred from an original file's shapes.
+    ``norm_groups`` (MoVQ) are used only when a config is inferred from an original file's shapes. ``stream_t5``
+    (True / "auto" / False) runs T5 block by block from its files (:mod:`kandinsky3.weights.t5_stream`).
     """
     checkpoint = open_checkpoint(path, variant=variant, components=tuple(components), t5_path=t5_path)
     dtype = parse_dtype(dtype)
@@ -231,7 +236,7 @@ def load_components(
     if "text_encoder" in components:
         text = checkpoint.text_source()
         conditioning = text.style
-        built["text_encoder"] = build_text_encoder(text, dtype=dtype, device=device)
+        built["text_encoder"] = build_text_encoder(text, dtype=dtype, device=device, stream_t5=stream_t5)
     return Components(
         **built,
         conditioning=conditioning,
@@ -266,6 +271,9 @@ def save_native(
     encoder = components.text_encoder
     if encoder is not None:
         target = folder / "text_encoder"
+        if is_streamed(encoder.t5):
+            raise ValueError("this text encoder streams its T5 from disk and holds no weights to save; load it with "
+                             "stream_t5=False, or convert the checkpoint folder with `kandinsky3 convert`")
         write_t5(target, encoder.t5.config, DictSource(encoder.t5.state_dict(), None), dtype)
         encoder.tokenizer.save_pretrained(str(target))
         conditioning = {f"projection.{key}": value for key, value in encoder.projection.state_dict().items()}
