@@ -20,6 +20,7 @@ from PIL import Image
 
 from .data.shapes import COLOURS, Scene, ShapesDataset, eval_prompts, layout
 from .evaluation import evaluate, inpainting_score
+from .models.storage import compute_dtype
 
 __all__ = ["evaluate_text_to_image", "movq_psnr", "evaluate_inpainting"]
 
@@ -44,11 +45,11 @@ def movq_psnr(movq: torch.nn.Module, num_images: int = 200, *, image_size: int =
     """Mean PSNR (dB, images in [0, 1]) of encode→decode on evaluation images (not the training seed)."""
     data = ShapesDataset(num_images, image_size=image_size, seed=seed, split="seen")
     images = torch.stack([data[i][0] for i in range(len(data))])  # (N, 3, H, W) in [-1, 1]
-    weight = next(movq.parameters())
+    device, dtype = next(movq.parameters()).device, compute_dtype(movq)
     scores = []
     with torch.inference_mode():
         for chunk in images.split(50):
-            x = chunk.to(weight.device, weight.dtype)
+            x = chunk.to(device, dtype)
             recon = movq.decode(movq.encode(x)).float().clamp(-1, 1).cpu()
             mse = ((recon - chunk) / 2).pow(2).flatten(1).mean(dim=1)  # in [0, 1] units
             scores.extend((10 * torch.log10(1.0 / mse.clamp(min=1e-10))).tolist())

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion import guidance, samplers, schedule
 from ..models.text_encoder import TextEncoder
+from ..models.storage import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -123,15 +124,10 @@ def encode_text(
 def unet_call(unet: torch.nn.Module) -> guidance.NetCall:
     """Wrap a U-Net as ``net_call(x, t, context, mask) -> ε``: inputs go to the U-Net's device
     and dtype, ε comes back in the latents' dtype and device."""
-    weight = next(unet.parameters())
+    device, dtype = module_device(unet), compute_dtype(unet)
 
     def call(x, t, context, mask):
-        eps = unet(
-            x.to(weight.device, weight.dtype),
-            t.to(weight.device),
-            context.to(weight.device, weight.dtype),
-            mask.to(weight.device),
-        )
+        eps = unet(x.to(device, dtype), t.to(device), context.to(device, dtype), mask.to(device))
         return eps.to(x.device, x.dtype)
 
     return call
@@ -213,23 +209,23 @@ def decode_latents(movq: torch.nn.Module, latents: torch.Tensor, slice_size: int
     Decodes ``slice_size`` latents at a time (None = the whole batch) so the 16384-token MoVQ
     attentions of large images never hold a whole batch at once.
     """
-    weight = next(movq.parameters())
+    device, dtype = module_device(movq), compute_dtype(movq)
     size = latents.shape[0] if not slice_size else slice_size
     images = []
     with torch.inference_mode():
         for chunk in latents.split(size):
-            images.append(movq.decode(chunk.to(weight.device, weight.dtype)).float().cpu())
+            images.append(movq.decode(chunk.to(device, dtype)).float().cpu())
     return torch.cat(images)
 
 
 def encode_images(movq: torch.nn.Module, images: torch.Tensor, slice_size: int | None = 1) -> torch.Tensor:
     """(B, 3, H, W) images in [−1, 1] → (B, 4, H/8, W/8) fp32 latents on the images' device."""
-    weight = next(movq.parameters())
+    device, dtype = module_device(movq), compute_dtype(movq)
     size = images.shape[0] if not slice_size else slice_size
     latents = []
     with torch.inference_mode():
         for chunk in images.split(size):
-            latents.append(movq.encode(chunk.to(weight.device, weight.dtype)).float().to(images.device))
+            latents.append(movq.encode(chunk.to(device, dtype)).float().to(images.device))
     return torch.cat(latents)
 
 
@@ -407,7 +403,7 @@ def denoise(
     of prompts gives the images of the prompts one by one.
     """
     device = module_device(unet)
-    latent_dtype = torch.promote_types(torch.float32, next(unet.parameters()).dtype)  # fp32, or fp64
+    latent_dtype = torch.promote_types(torch.float32, compute_dtype(unet))  # fp32, or fp64
     conditions = move_conditions(conditions, device)
     conditions = pool_as_alone(conditions, context_lengths(conditions))
     net_call = unet_call(unet)

@@ -12,7 +12,9 @@ to :func:`kandinsky3.weights.load_components`: ``head_dim``, ``groups``, ``norm_
 only for small original-layout files, whose configs are inferred from shapes), ``unet_config``,
 ``movq_config``, ``t5_path`` (the T5 folder of a 3.0 checkpoint), ``stream_t5`` (default "auto": the T5 encoder
 runs block by block from its files when it would take more than a third of its device's free memory — the 17 GB
-Flan-UL2 encoder on a 24 GB machine or a 16 GB GPU; True/False force it).  ``offload=True`` keeps every
+Flan-UL2 encoder on a 24 GB machine or a 16 GB GPU; True/False force it), ``compute_dtype`` (weights stay in
+their ``dtype_map`` dtype, layers compute in this one: ``dtype_map=torch.bfloat16, compute_dtype=torch.float32``
+halves the memory on CPUs whose bf16 math is slow, see :mod:`kandinsky3.models.storage`).  ``offload=True`` keeps every
 component on the CPU and moves each to its ``device_map`` device only while it runs.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..models.storage import compute_dtype, compute_in
 from ..weights import load_components, load_movq, load_text_encoder, load_unet
 from .img2img import Kandinsky3Img2ImgPipeline
 from .inpainting import Kandinsky3InpaintingPipeline
@@ -137,7 +140,8 @@ def _load(model, variant, places, unet_path, movq_path, text_encoder_path, optio
 
 def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, options, offload,
            unsupported):
-    allowed = {"unet_config", "movq_config", "head_dim", "groups", "norm_groups", "t5_path", "stream_t5"}
+    allowed = {"unet_config", "movq_config", "head_dim", "groups", "norm_groups", "t5_path", "stream_t5",
+               "compute_dtype"}
     options = dict(options or {})
     if set(options) - allowed:
         raise TypeError(f"unknown load_options {sorted(set(options) - allowed)}; allowed: {sorted(allowed)}")
@@ -151,9 +155,15 @@ def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, 
     offload_map = {name: device for name, (device, _) in places.items()} if offload else None
     if offload:  # load on the CPU; each component visits its device only while it runs
         places = {name: (torch.device("cpu"), dtype) for name, (_, dtype) in places.items()}
+    compute = options.pop("compute_dtype", None)
     components, conditioning, scheduler_config = _load(
         resolve_model(model, variant), variant, places, unet_path, movq_path, text_encoder_path, options
     )
+    if compute is not None:
+        compute = _as_dtype(compute)
+        for network in components.values():
+            if compute_dtype(network) != compute:
+                compute_in(network, compute)
     args = (components["unet"], components["movq"], components["text_encoder"])
     if kind == "inpainting":
         return Kandinsky3InpaintingPipeline(*args, conditioning=conditioning, offload=offload_map)

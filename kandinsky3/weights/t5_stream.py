@@ -135,6 +135,7 @@ def load_streamed_t5(
     streamer = _BlockStreamer(model, fetch_block, prefetch)
     model.requires_grad_(False)
     model._kandinsky3_streamer = streamer
+    model.streams_weights = True  # kandinsky3.models.storage.compute_in casts it instead of parametrizing it
     model._kandinsky3_source = source
     return model.eval()
 

@@ -1,0 +1,77 @@
+"""Weights stored in one dtype, arithmetic in another: half the memory without half-precision math.
+
+A 3B U-Net takes 12 GB in fp32 and 6 GB in bf16. On GPUs and on CPUs with AMX/AVX-512-BF16, bf16 math is fast and
+the model simply runs in bf16. On CPUs without those instructions (AVX2 only, e.g. AMD Zen 3 or older Intel),
+PyTorch's bf16 and fp16 matmuls and convolutions are 50-100x slower than fp32, so there the best choice is to *store*
+the weights in bf16 and *compute* in fp32: :func:`compute_in` makes every floating parameter of a model return an
+fp32 copy when a layer reads it (``torch.nn.utils.parametrize``), so each layer's weight exists in fp32 only while
+that layer runs.
+
+The result equals the fp32 model whose weights were rounded to the storage dtype, up to fp32 summation order
+(measured ≤ 4e-8 on a random U-Net). Casting costs one pass
+over the weights per forward call (for the 3B U-Net ~1 s per step on 2 cores, against ~15 s of fp32 math).
+
+    unet = load_unet(path, dtype="bf16")          # 6 GB resident
+    compute_in(unet, torch.float32)               # layers compute in fp32
+    compute_dtype(unet)                           # torch.float32: the dtype inputs must have
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["compute_in", "compute_dtype", "storage_dtype"]
+
+
+class _CastTo(nn.Module):
+    """Parametrization: the stored tensor, cast to ``dtype`` on every read."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.dtype)
+
+
+def compute_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Make ``model``'s layers compute in ``dtype`` while its parameters stay stored in their current dtype.
+
+    Floating parameters already in ``dtype`` are left alone. A submodule that streams its weights from disk (it has
+    ``streams_weights = True``, e.g. the block-streamed T5) holds almost nothing resident, so it is simply cast to
+    ``dtype`` and reads its weights in that dtype. Inference only: the parametrized model's state-dict keys change
+    (``…parametrizations.weight.original``), so save weights before calling this, not after. Returns ``model``;
+    ``compute_dtype(model)`` then reports ``dtype``.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"compute dtype must be a floating dtype, got {dtype}")
+    if getattr(model, "_compute_dtype", None) is not None:
+        raise ValueError(f"this model already computes in {model._compute_dtype}; load it again to change that")
+    _parametrize(model, dtype)
+    model._compute_dtype = dtype
+    return model
+
+
+def _parametrize(module: nn.Module, dtype: torch.dtype) -> None:
+    if getattr(module, "streams_weights", False):
+        module.to(dtype)
+        return
+    children = list(module.children())  # before registering adds a `parametrizations` child
+    for name, parameter in list(module.named_parameters(recurse=False)):
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parametrize.register_parametrization(module, name, _CastTo(dtype), unsafe=True)
+    for child in children:
+        _parametrize(child, dtype)
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model``'s inputs should have: the :func:`compute_in` dtype, else that of its first parameter."""
+    chosen = getattr(model, "_compute_dtype", None)
+    return chosen if chosen is not None else next(model.parameters()).dtype
+
+
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model``'s first parameter is stored in (what it costs in memory)."""
+    return next(model.parameters()).dtype
