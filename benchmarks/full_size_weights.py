@@ -121,10 +121,9 @@ def write_tokenizer(root: Path) -> None:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, model_type="unigram",
                                    vocab_size=100, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    minloglevel=2)
-    folder = root / "tokenizer"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(model.getvalue())
-    T5Tokenizer(str(folder / "spiece.model"), extra_ids=0).save_pretrained(str(folder))
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(str(root / "tokenizer"))
 
 
 def write_pipeline_files(root: Path) -> None:

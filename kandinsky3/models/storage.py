@@ -49,6 +49,7 @@ def compute_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"compute dtype must be a floating dtype, got {dtype}")
     if getattr(model, "_compute_dtype", None) is not None:
         raise ValueError(f"this model already computes in {model._compute_dtype}; load it again to change that")
+    model.requires_grad_(False)  # inference only (and torch's module tracker trips over parametrized leaves)
     _parametrize(model, dtype)
     model._compute_dtype = dtype
     return model
@@ -69,9 +70,17 @@ def _parametrize(module: nn.Module, dtype: torch.dtype) -> None:
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype ``model``'s inputs should have: the :func:`compute_in` dtype, else that of its first parameter."""
     chosen = getattr(model, "_compute_dtype", None)
-    return chosen if chosen is not None else next(model.parameters()).dtype
+    return chosen if chosen is not None else storage_dtype(model)
 
 
 def storage_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype ``model``'s first parameter is stored in (what it costs in memory)."""
-    return next(model.parameters()).dtype
+    """The dtype ``model``'s first parameter is stored in (what it costs in memory); parameters on the meta device
+    (the idle units of a streamed T5) are skipped."""
+    first = None
+    for parameter in model.parameters():
+        if not parameter.is_meta:
+            return parameter.dtype
+        first = first or parameter
+    if first is None:
+        raise ValueError(f"{type(model).__name__} has no parameters")
+    return first.dtype

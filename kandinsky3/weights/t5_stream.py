@@ -3,12 +3,13 @@
 The released text encoder is 17 GB in bf16 — more than the U-Net and the MoVQ together, and more than a 16 GB GPU or
 a 24 GB machine can hold beside them (SPEC §9). Its blocks run strictly one after another, so only one needs to be
 in memory at a time. :func:`load_streamed_t5` builds the real ``transformers.T5EncoderModel`` on the meta device,
-materialises the small resident part (token embedding, final norm) and installs hooks on each of the 32 blocks:
+materialises only the final norm and installs hooks on the token embedding and on each of the 32 blocks:
 
-- before a block runs, its weights are read from the checkpoint (safetensors positioned reads, or a memory-mapped
-  ``.bin`` shard whose pages are released afterwards) straight into the target dtype and device;
+- before a unit runs, its weights are read from the checkpoint (safetensors positioned reads, or a memory-mapped
+  ``.bin`` shard whose pages are released afterwards) and cast to the target dtype and device;
 - after it ran, they go back to the meta device, which frees them;
-- while block i computes, a background thread reads block i+1 (``prefetch=True``), so disk and compute overlap.
+- while unit i computes, a background thread reads unit i+1 in its stored dtype (``prefetch=True``), so disk and
+  compute overlap.
 
 The forward pass is transformers' own, so the outputs equal those of the fully loaded model exactly. The price is
 reading the encoder's weights once per call (the OS page cache usually keeps them): encoding is slower, which
@@ -34,52 +35,59 @@ __all__ = ["load_streamed_t5", "is_streamed", "t5_weight_bytes", "should_stream"
 _BLOCK_PREFIX = "encoder.block."
 
 
-class _BlockStreamer:
-    """Forward hooks on every block of ``model.encoder``: load its weights just before it runs, drop them after.
+class _Streamer:
+    """Forward hooks on the streamed units of a T5 encoder: load a unit's weights just before it runs, drop them
+    right after, and (``prefetch``) read the next unit's stored tensors in a background thread meanwhile.
 
-    Blocks are read onto the device and in the dtype of the model's token embedding at the time they run, so
-    ``.to(device)`` / ``.to(dtype)`` of the resident part moves and casts the whole model; the idle (meta) blocks
-    ignore such calls.
+    Units, in execution order: the token embedding, then the blocks. Weights are cast to the device and dtype of
+    the resident final norm at the time a unit runs, so ``.to(device)`` / ``.to(dtype)`` of the model moves and
+    casts everything; idle (meta) units ignore such calls. A prefetched unit waits in its stored dtype (half the
+    size of fp32 for the released fp16/bf16 files).
     """
 
-    def __init__(self, model: nn.Module, fetch_block, prefetch: bool):
+    def __init__(self, model: nn.Module, units: list[tuple[nn.Module, dict[str, str]]], read_stored, target_dtypes,
+                 prefetch: bool):
         self.model = model
-        self.fetch_block = fetch_block  # (index, device, dtype) -> {parameter name inside the block: tensor}
-        self.count = len(model.encoder.block)
+        self.units = units  # (module, {parameter name inside the module: checkpoint key})
+        self.read_stored = read_stored  # checkpoint key -> stored tensor (owned, CPU)
+        self.target_dtypes = target_dtypes  # (keys, compute dtype) -> {key: dtype}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="t5-prefetch") if prefetch else None
         self.pending: dict[int, Future] = {}
-        for index, block in enumerate(model.encoder.block):
-            block.register_forward_pre_hook(self._loader(index))
-            block.register_forward_hook(_unload)
-            block._apply = types.MethodType(_idle_apply, block)
+        for index, (module, _) in enumerate(units):
+            module.register_forward_pre_hook(self._loader(index))
+            module.register_forward_hook(_unload)
+            module._apply = types.MethodType(_idle_apply, module)
 
-    @property
-    def placement(self) -> tuple[torch.device, torch.dtype]:
-        weight = self.model.shared.weight
-        return weight.device, weight.dtype
+    def _read_unit(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: self.read_stored(key) for key in self.units[index][1].values()}
 
     def _loader(self, index: int):
-        def load(block: nn.Module, args) -> None:
-            device, dtype = self.placement
+        def load(module: nn.Module, args) -> None:
+            weight = self.model.encoder.final_layer_norm.weight
+            device, dtype = weight.device, weight.dtype
             if index == 0:
                 self.pending.clear()  # a previous call that failed midway may have left a read behind
             future = self.pending.pop(index, None)
-            tensors = future.result() if future is not None else self.fetch_block(index, device, dtype)
-            block.load_state_dict(tensors, strict=True, assign=True)
-            del tensors
-            if self.pool is not None and index + 1 < self.count:
-                self.pending[index + 1] = self.pool.submit(self.fetch_block, index + 1, device, dtype)
+            stored = future.result() if future is not None else self._read_unit(index)
+            if self.pool is not None and index + 1 < len(self.units):
+                self.pending[index + 1] = self.pool.submit(self._read_unit, index + 1)
+            names = self.units[index][1]
+            targets = self.target_dtypes(list(names.values()), dtype)
+            tensors = {}
+            for name, key in names.items():  # cast one tensor at a time, dropping each stored copy
+                tensors[name] = stored.pop(key).to(device=device, dtype=targets[key])
+            module.load_state_dict(tensors, strict=True, assign=True)
 
         return load
 
 
-def _unload(block: nn.Module, args, output) -> None:
-    nn.Module._apply(block, lambda tensor: tensor.to("meta"))  # frees the weights; the next call reads them again
+def _unload(module: nn.Module, args, output) -> None:
+    nn.Module._apply(module, lambda tensor: tensor.to("meta"))  # frees the weights; the next call reads them again
 
 
-def _idle_apply(block: nn.Module, fn, recurse: bool = True) -> nn.Module:
-    """``Module._apply`` of a streamed block: ``.to()``, ``.half()`` … leave the (meta) block alone."""
-    return block
+def _idle_apply(module: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """``Module._apply`` of a streamed unit: ``.to()``, ``.half()`` … leave the (meta) unit alone."""
+    return module
 
 
 def load_streamed_t5(
@@ -90,11 +98,11 @@ def load_streamed_t5(
     device: str | torch.device = "cpu",
     prefetch: bool = True,
 ):
-    """A ``T5EncoderModel`` whose blocks stay on disk until they run (see the module docstring).
+    """A ``T5EncoderModel`` whose embedding and blocks stay on disk until they run (see the module docstring).
 
-    ``dtype`` None keeps the stored dtype; fp16 keeps the feed-forward ``wo`` in fp32, as transformers does. Blocks
-    are materialised on the device and in the dtype of the token embedding, so ``.to()`` works as usual. It is for
-    inference only (no gradients reach the streamed weights).
+    ``dtype`` None keeps the stored dtype; fp16 keeps the feed-forward ``wo`` in fp32, as transformers does. Units
+    are materialised on the device and in the dtype of the resident final norm, so ``.to()`` works as usual. It is
+    for inference only (no gradients reach the streamed weights).
     """
     from transformers import T5EncoderModel
 
@@ -110,29 +118,25 @@ def load_streamed_t5(
     check_shapes({key: source.meta(names[key])[0] for key in names}, expected, source.path, "T5 encoder")
     stored_dtypes = {key: source.meta(names[key])[1] for key in expected}
 
-    def read(key: str, target_device: torch.device, target_dtype: torch.dtype) -> torch.Tensor:
-        stored = source[names[key]]
-        tensor = stored.to(device=target_device, dtype=target_dtype)
-        if tensor.data_ptr() == stored.data_ptr():
-            tensor = tensor.clone()  # never keep a view of a memory-mapped shard alive
+    def read_stored(key: str) -> torch.Tensor:
+        tensor = source[names[key]].clone()  # owned memory, never a view of a memory-mapped shard
         source.release(names[key])
         return tensor
 
-    device = torch.device(device)
-    targets = t5_target_dtypes(list(expected), stored_dtypes, dtype)
-    resident = {key: read(key, device, targets[key]) for key in expected if not key.startswith(_BLOCK_PREFIX)}
-    model.load_state_dict(resident, strict=False, assign=True)
-    model.encoder.embed_tokens.weight = model.shared.weight  # tied in T5EncoderModel
-    block_keys = [[key for key in expected if key.startswith(f"{_BLOCK_PREFIX}{index}.")]
-                  for index in range(len(model.encoder.block))]
+    def target_dtypes(keys: list[str], compute: torch.dtype) -> dict[str, torch.dtype]:
+        return t5_target_dtypes(keys, stored_dtypes, compute)
 
-    def fetch_block(index: int, target_device: torch.device, target_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        keys = block_keys[index]
-        block_targets = t5_target_dtypes(keys, stored_dtypes, target_dtype)
+    units = [(model.encoder.embed_tokens, {"weight": "shared.weight"})]
+    for index, block in enumerate(model.encoder.block):
         prefix = f"{_BLOCK_PREFIX}{index}."
-        return {key[len(prefix):]: read(key, target_device, block_targets[key]) for key in keys}
-
-    streamer = _BlockStreamer(model, fetch_block, prefetch)
+        units.append((block, {key[len(prefix):]: key for key in expected if key.startswith(prefix)}))
+    streamed = {key for _, keys in units for key in keys.values()}
+    resident = [key for key in expected if key not in streamed]  # the final norm
+    targets = t5_target_dtypes(resident, stored_dtypes, dtype)
+    model.load_state_dict({key: read_stored(key).to(device, targets[key]) for key in resident}, strict=False,
+                          assign=True)
+    model.shared._apply = types.MethodType(_idle_apply, model.shared)  # unused by the encoder; stays on meta
+    streamer = _Streamer(model, units, read_stored, target_dtypes, prefetch)
     model.requires_grad_(False)
     model._kandinsky3_streamer = streamer
     model.streams_weights = True  # kandinsky3.models.storage.compute_in casts it instead of parametrizing it
