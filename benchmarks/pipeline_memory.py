@@ -82,7 +82,7 @@ class Phases:
         setattr(owner, method, wrapped)
 
 
-def child(side: str, folder: Path, steps: int, size: int, diffusers_dtype: str) -> None:
+def child(side: str, folder: Path, steps: int, size: int, diffusers_dtype: str, prefetch: bool) -> None:
     import torch
 
     phases = Phases()
@@ -91,7 +91,8 @@ def child(side: str, folder: Path, steps: int, size: int, diffusers_dtype: str) 
         from kandinsky3 import get_T2I_pipeline
 
         pipe = get_T2I_pipeline("cpu", model=folder, dtype_map=torch.bfloat16,
-                                load_options={"compute_dtype": torch.float32, "stream_t5": True})
+                                load_options={"compute_dtype": torch.float32, "stream_t5": True,
+                                              "t5_prefetch": prefetch})
         phases.hook(pipe.text_encoder.t5, "encode")
         run = lambda: pipe(PROMPT, steps=steps, width=size, height=size, seed=0, progress=False)  # noqa: E731
     else:
@@ -115,6 +116,7 @@ def child(side: str, folder: Path, steps: int, size: int, diffusers_dtype: str) 
 def run_side(side: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, str(args.folder), "--child", side, "--steps", str(args.steps),
                "--size", str(args.size), "--diffusers-dtype", args.diffusers_dtype]
+    command += ["--no-prefetch"] if args.no_prefetch else []
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = {"phase": "start", "result": None, "max_rss": 0, "tail": []}
 
@@ -157,10 +159,11 @@ def main() -> None:
     parser.add_argument("--limit-gib", type=float, default=20.0)
     parser.add_argument("--diffusers-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--sides", nargs="+", default=["ours", "diffusers"], choices=("ours", "diffusers"))
+    parser.add_argument("--no-prefetch", action="store_true", help="ours: stream T5 without reading ahead")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.folder, args.steps, args.size, args.diffusers_dtype)
+        child(args.child, args.folder, args.steps, args.size, args.diffusers_dtype, not args.no_prefetch)
         return
     print(f"full-size Kandinsky 3, {args.size} px, {args.steps} steps (CFG batch 2), prompt {PROMPT!r}")
     print(f"{'side':10} {'phase':8} {'seconds':>9} {'peak GiB':>9}")

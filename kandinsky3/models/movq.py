@@ -168,9 +168,17 @@ class SpatialNorm(nn.Module):
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         if zq is None:
             raise ValueError("SpatialNorm needs the latent zq that conditions the decoder")
+        (height, width), (h, w) = x.shape[-2:], zq.shape[-2:]
+        if _lean() and height % h == 0 and width % w == 0:
+            # Nearest upsampling by an integer factor repeats each latent pixel over a (fy, fx) patch, and a 1×1
+            # conv acts per pixel, so conv(upsample(zq)) = upsample(conv(zq)): compute the scale and shift at the
+            # latent size and broadcast them over the patches, in place (no full-size temporaries at all).
+            fy, fx = height // h, width // w
+            out = self.norm_layer(x)  # (B,C,H,W)
+            patches = out.view(out.shape[0], out.shape[1], h, fy, w, fx)
+            patches.mul_(self.conv_y(zq)[:, :, :, None, :, None]).add_(self.conv_b(zq)[:, :, :, None, :, None])
+            return out
         zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")  # (B,z,H,W)
-        if _lean():  # same arithmetic, in place: one full-size temporary fewer
-            return self.norm_layer(x).mul_(self.conv_y(zq)).add_(self.conv_b(zq))
         return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
 
 

@@ -207,14 +207,18 @@ def decode_latents(movq: torch.nn.Module, latents: torch.Tensor, slice_size: int
     """(B, 4, h, w) latents → (B, 3, 8h, 8w) fp32 images in about [−1, 1] on the CPU.
 
     Decodes ``slice_size`` latents at a time (None = the whole batch) so the 16384-token MoVQ
-    attentions of large images never hold a whole batch at once.
+    attentions of large images never hold a whole batch at once. On the CPU the decoder runs
+    channels-last (oneDNN's native layout: no reordered copies of the full-size activations;
+    a third less peak memory at 512 px).
     """
     device, dtype = module_device(movq), compute_dtype(movq)
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     size = latents.shape[0] if not slice_size else slice_size
     images = []
     with torch.inference_mode():
         for chunk in latents.split(size):
-            images.append(movq.decode(chunk.to(device, dtype)).float().cpu())
+            chunk = chunk.to(device, dtype).contiguous(memory_format=layout)
+            images.append(movq.decode(chunk).float().cpu().contiguous())
     return torch.cat(images)
 
 

@@ -12,7 +12,8 @@ to :func:`kandinsky3.weights.load_components`: ``head_dim``, ``groups``, ``norm_
 only for small original-layout files, whose configs are inferred from shapes), ``unet_config``,
 ``movq_config``, ``t5_path`` (the T5 folder of a 3.0 checkpoint), ``stream_t5`` (default "auto": the T5 encoder
 runs block by block from its files when it would take more than a third of its device's free memory — the 17 GB
-Flan-UL2 encoder on a 24 GB machine or a 16 GB GPU; True/False force it), ``compute_dtype`` (weights stay in
+Flan-UL2 encoder on a 24 GB machine or a 16 GB GPU; True/False force it; ``t5_prefetch=False`` saves one more
+block at some speed), ``compute_dtype`` (weights stay in
 their ``dtype_map`` dtype, layers compute in this one: ``dtype_map=torch.bfloat16, compute_dtype=torch.float32``
 halves the memory on CPUs whose bf16 math is slow, see :mod:`kandinsky3.models.storage`).  ``offload=True`` keeps every
 component on the CPU and moves each to its ``device_map`` device only while it runs.
@@ -126,7 +127,7 @@ def _load(model, variant, places, unet_path, movq_path, text_encoder_path, optio
             else:
                 loaded[name] = load_text_encoder(
                     path, variant=variant, dtype=dtype, device=device, t5_path=options.get("t5_path"),
-                    stream_t5=options.get("stream_t5", "auto"),
+                    stream_t5=options.get("stream_t5", "auto"), t5_prefetch=options.get("t5_prefetch", True),
                 )
             continue
         parts = load_components(model, variant=variant, dtype=dtype, device=device, components=(name,),
@@ -141,7 +142,7 @@ def _load(model, variant, places, unet_path, movq_path, text_encoder_path, optio
 def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, options, offload,
            unsupported):
     allowed = {"unet_config", "movq_config", "head_dim", "groups", "norm_groups", "t5_path", "stream_t5",
-               "compute_dtype"}
+               "t5_prefetch", "compute_dtype"}
     options = dict(options or {})
     if set(options) - allowed:
         raise TypeError(f"unknown load_options {sorted(set(options) - allowed)}; allowed: {sorted(allowed)}")
@@ -164,6 +165,8 @@ def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, 
         for network in components.values():
             if compute_dtype(network) != compute:
                 compute_in(network, compute)
+    if places["movq"][0].type == "cpu":  # decode_latents runs the decoder channels-last on the CPU
+        components["movq"].to(memory_format=torch.channels_last)
     args = (components["unet"], components["movq"], components["text_encoder"])
     if kind == "inpainting":
         return Kandinsky3InpaintingPipeline(*args, conditioning=conditioning, offload=offload_map)

@@ -189,6 +189,7 @@ def load_text_encoder(
     device: str | torch.device = "cpu",
     t5_path: str | Path | None = None,
     stream_t5: bool | str = False,
+    t5_prefetch: bool = True,
 ) -> TextEncoder:
     """Load T5 + tokenizer + the variant's projection (+ null embedding in the original and native layouts).
 
@@ -196,7 +197,8 @@ def load_text_encoder(
     ``stream_t5`` (True / "auto" / False) runs T5 block by block from its files, see :func:`build_text_encoder`.
     """
     checkpoint = open_checkpoint(path, variant=variant, components=("text_encoder",), t5_path=t5_path)
-    return build_text_encoder(checkpoint.text_source(), dtype=parse_dtype(dtype), device=device, stream_t5=stream_t5)
+    return build_text_encoder(checkpoint.text_source(), dtype=parse_dtype(dtype), device=device, stream_t5=stream_t5,
+                              t5_prefetch=t5_prefetch)
 
 
 def load_components(
@@ -213,12 +215,14 @@ def load_components(
     groups: int = 32,
     norm_groups: int = 32,
     stream_t5: bool | str = False,
+    t5_prefetch: bool = True,
 ) -> Components:
     """Load several components of one checkpoint folder or Hub repo; the others are None.
 
     ``unet_config``/``movq_config`` override the checkpoint's configs; ``head_dim``, ``groups`` (U-Net) and
     ``norm_groups`` (MoVQ) are used only when a config is inferred from an original file's shapes. ``stream_t5``
-    (True / "auto" / False) runs T5 block by block from its files (:mod:`kandinsky3.weights.t5_stream`).
+    (True / "auto" / False) runs T5 block by block from its files (:mod:`kandinsky3.weights.t5_stream`), reading
+    the next block meanwhile unless ``t5_prefetch=False``.
     """
     checkpoint = open_checkpoint(path, variant=variant, components=tuple(components), t5_path=t5_path)
     dtype = parse_dtype(dtype)
@@ -236,7 +240,8 @@ def load_components(
     if "text_encoder" in components:
         text = checkpoint.text_source()
         conditioning = text.style
-        built["text_encoder"] = build_text_encoder(text, dtype=dtype, device=device, stream_t5=stream_t5)
+        built["text_encoder"] = build_text_encoder(text, dtype=dtype, device=device, stream_t5=stream_t5,
+                                                   t5_prefetch=t5_prefetch)
     return Components(
         **built,
         conditioning=conditioning,
