@@ -152,8 +152,9 @@ def sampler_setup(
 ) -> tuple[Callable[..., torch.Tensor], list[int], dict[str, Any]]:
     """Sampler function, timesteps and keyword arguments for one call.
 
-    ``threshold`` is the dynamic-thresholding percentile of the "original" sampler (None = hard
-    clip).  A diffusers-layout checkpoint's ``scheduler_config`` sets the spacing, the offset,
+    ``threshold`` is the dynamic-thresholding percentile of x̂₀ (None = hard clip to [−1, 1]) used by
+    the "original" sampler, and by every sampler when there is no ``scheduler_config`` (original-layout
+    weights).  A diffusers-layout checkpoint's ``scheduler_config`` sets the spacing, the offset,
     ``clip_sample`` and ``set_alpha_to_one`` of "ddpm" and "ddim", as diffusers' schedulers
     built from that config would.
     """
@@ -165,7 +166,9 @@ def sampler_setup(
         if sampler not in ("original", "ddim"):
             raise ValueError(f"eta applies to the 'original' and 'ddim' samplers, not {sampler!r}")
         kwargs["eta"] = float(eta)
-    if sampler == "original":
+    if sampler == "original" or (scheduler_config is None and sampler in ("ddpm", "ddim", "dpmpp_2m")):
+        # Kandinsky 3's own x̂₀ treatment; with original-layout weights every sampler gets it (without it the
+        # deterministic samplers drift: x̂₀ = (x − σ ε̂)/α is unbounded at high noise)
         kwargs["x0_transform"] = (
             functools.partial(guidance.dynamic_threshold, percentile=threshold) if threshold else guidance.hard_clip
         )
