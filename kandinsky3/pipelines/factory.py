@@ -10,13 +10,14 @@ layout (original 3.0/3.1, diffusers, native) or "tiny".  ``unet_path`` / ``movq_
 ``text_encoder_path`` replace single components (files or folders).  ``load_options`` are passed
 to :func:`kandinsky3.weights.load_components`: ``head_dim``, ``groups``, ``norm_groups`` (needed
 only for small original-layout files, whose configs are inferred from shapes), ``unet_config``,
-``movq_config``, ``t5_path`` (the T5 folder of a 3.0 checkpoint), ``stream_t5`` (default "auto": the T5 encoder
-runs block by block from its files when it would take more than a third of its device's free memory — the 17 GB
-Flan-UL2 encoder on a 24 GB machine or a 16 GB GPU; True/False force it; ``t5_prefetch=False`` saves one more
-block at some speed), ``compute_dtype`` (weights stay in
-their ``dtype_map`` dtype, layers compute in this one: ``dtype_map=torch.bfloat16, compute_dtype=torch.float32``
-halves the memory on CPUs whose bf16 math is slow, see :mod:`kandinsky3.models.storage`).  ``offload=True`` keeps every
-component on the CPU and moves each to its ``device_map`` device only while it runs.
+``movq_config``, ``t5_path`` (the T5 folder of a 3.0 checkpoint), ``stream_t5`` (default "auto": the T5
+encoder runs block by block from its files when it would take more than a third of its device's free
+memory — the 17 GB Flan-UL2 encoder on a 24 GB machine or a 16 GB GPU; True/False force it;
+``t5_prefetch=False`` saves one more block at some speed), ``compute_dtype`` (weights stay in their
+``dtype_map`` dtype, layers compute in this one: ``dtype_map=torch.bfloat16, compute_dtype=torch.float32``
+halves the memory on CPUs whose bf16 math is slow, see :mod:`kandinsky3.models.storage`).
+``offload=True`` keeps every component on the CPU and moves each to its ``device_map`` device only
+while it runs.
 """
 
 from __future__ import annotations

@@ -45,11 +45,12 @@ class _Streamer:
     size of fp32 for the released fp16/bf16 files).
     """
 
-    def __init__(self, model: nn.Module, units: list[tuple[nn.Module, dict[str, str]]], read_stored, target_dtypes,
-                 prefetch: bool):
+    def __init__(self, model: nn.Module, units: list[tuple[nn.Module, dict[str, str]]], read_stored, place,
+                 target_dtypes, prefetch: bool):
         self.model = model
         self.units = units  # (module, {parameter name inside the module: checkpoint key})
-        self.read_stored = read_stored  # checkpoint key -> stored tensor (owned, CPU)
+        self.read_stored = read_stored  # checkpoint key -> stored tensor (CPU; may be a view of a mapped shard)
+        self.place = place  # (key, stored, device, dtype) -> tensor in its own memory, the file's pages released
         self.target_dtypes = target_dtypes  # (keys, compute dtype) -> {key: dtype}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="t5-prefetch") if prefetch else None
         self.pending: dict[int, Future] = {}
@@ -75,7 +76,7 @@ class _Streamer:
             targets = self.target_dtypes(list(names.values()), dtype)
             tensors = {}
             for name, key in names.items():  # cast one tensor at a time, dropping each stored copy
-                tensors[name] = stored.pop(key).to(device=device, dtype=targets[key])
+                tensors[name] = self.place(key, stored.pop(key), device, targets[key])
             module.load_state_dict(tensors, strict=True, assign=True)
 
         return load
@@ -119,7 +120,12 @@ def load_streamed_t5(
     stored_dtypes = {key: source.meta(names[key])[1] for key in expected}
 
     def read_stored(key: str) -> torch.Tensor:
-        tensor = source[names[key]].clone()  # owned memory, never a view of a memory-mapped shard
+        return source[names[key]]
+
+    def place(key: str, stored: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        tensor = stored.to(device=device, dtype=dtype)
+        if tensor.data_ptr() == stored.data_ptr():
+            tensor = tensor.clone()  # nothing was converted: never keep a view of a memory-mapped shard
         source.release(names[key])
         return tensor
 
@@ -133,10 +139,10 @@ def load_streamed_t5(
     streamed = {key for _, keys in units for key in keys.values()}
     resident = [key for key in expected if key not in streamed]  # the final norm
     targets = t5_target_dtypes(resident, stored_dtypes, dtype)
-    model.load_state_dict({key: read_stored(key).to(device, targets[key]) for key in resident}, strict=False,
-                          assign=True)
+    model.load_state_dict({key: place(key, read_stored(key), device, targets[key]) for key in resident},
+                          strict=False, assign=True)
     model.shared._apply = types.MethodType(_idle_apply, model.shared)  # unused by the encoder; stays on meta
-    streamer = _Streamer(model, units, read_stored, target_dtypes, prefetch)
+    streamer = _Streamer(model, units, read_stored, place, target_dtypes, prefetch)
     model.requires_grad_(False)
     model._kandinsky3_streamer = streamer
     model.streams_weights = True  # kandinsky3.models.storage.compute_in casts it instead of parametrizing it
