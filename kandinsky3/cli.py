@@ -78,10 +78,10 @@ def _add_generation_flags(parser: argparse.ArgumentParser, guidance_default: str
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="'tiny' (the bundled small model), a local checkpoint folder in any layout, or a Hub repo id")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps; None = the sampler's own (50 original, 25 ddpm/dpmpp_2m)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps; None = the sampler's own (50 original, 25 ddpm/dpmpp_2m/dpmpp_2m_sde)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help=f"w in (w+1)·ε_cond − w·ε_uncond; None = {guidance_default}")
-    parser.add_argument("--sampler", default=None, choices=("original", "ddpm", "ddim", "dpmpp_2m"),
+    parser.add_argument("--sampler", default=None, choices=("original", "ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"),
                         help="sampler; None = 'original' for ai-forever weights, 'ddpm' for diffusers weights")
     parser.add_argument("--eta", type=float, default=None, help="noise of the 'original' and 'ddim' samplers")
     parser.add_argument("--seed", type=int, default=0, help="random seed (image i uses seed + i)")
@@ -95,6 +95,10 @@ def _add_generation_flags(parser: argparse.ArgumentParser, guidance_default: str
     parser.add_argument("--stream-t5", default="auto", choices=("auto", "yes", "no"),
                         help="run the T5 encoder block by block from its files (~1 GB instead of 17 GB); auto = when "
                              "it would take more than a third of the free memory")
+    parser.add_argument("--offload", default="no", choices=("no", "device", "disk"),
+                        help="device: components wait on the CPU and visit --device only while they run; disk: the "
+                             "U-Net and MoVQ are read from the files when their phase starts and dropped after it "
+                             "(the least memory: the full model runs in under 8 GB with --dtype bf16)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -103,7 +107,8 @@ def _pipeline_kwargs(args: argparse.Namespace) -> dict:
     options = {"stream_t5": stream_t5}
     if args.compute_dtype is not None:
         options["compute_dtype"] = args.compute_dtype
-    return dict(device_map=args.device, dtype_map=args.dtype, model=args.model, load_options=options)
+    offload = {"no": False, "device": True, "disk": "disk"}[args.offload]
+    return dict(device_map=args.device, dtype_map=args.dtype, model=args.model, load_options=options, offload=offload)
 
 
 def _call_kwargs(args: argparse.Namespace) -> dict:
@@ -200,7 +205,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="tiny", help="'tiny' or a native/original checkpoint folder")
     parser.add_argument("--num-prompts", type=int, default=200, help="prompts per split (seen, held-out)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps; None = the sampler's own")
-    parser.add_argument("--sampler", default="original", choices=("original", "ddpm", "ddim", "dpmpp_2m"),
+    parser.add_argument("--sampler", default="original", choices=("original", "ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"),
                         help="sampler")
     parser.add_argument("--guidance-scale", type=float, default=None, help="w; None = 3.0")
     parser.add_argument("--inpainting", action="store_true", help="also evaluate the inpainting variant")

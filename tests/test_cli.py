@@ -34,11 +34,13 @@ def test_generate_writes_images_and_reports_where_and_how_long(model, tmp_path):
 
 
 def test_low_memory_flags_give_the_same_image(model, tmp_path):
-    """--stream-t5 yes and --dtype/--compute-dtype reach the loaders; fp32 storage + streaming changes nothing."""
+    """--stream-t5 yes, --offload disk and --dtype/--compute-dtype reach the loaders; fp32 storage + streaming +
+    reading the U-Net and MoVQ at their phases changes nothing."""
     common = ("generate", "a red circle", "--model", model, "--width", "16", "--height", "16", "--steps", "2",
               "--dtype", "fp32", "--no-progress")
     plain = run_cli(*common, "-o", str(tmp_path / "a.png"), "--stream-t5", "no")
-    streamed = run_cli(*common, "-o", str(tmp_path / "b.png"), "--stream-t5", "yes", "--compute-dtype", "fp32")
+    streamed = run_cli(*common, "-o", str(tmp_path / "b.png"), "--stream-t5", "yes", "--compute-dtype", "fp32",
+                       "--offload", "disk")
     assert plain.returncode == 0 and streamed.returncode == 0, plain.stderr + streamed.stderr
     a, b = (np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("a.png", "b.png"))
     assert np.abs(a - b).max() <= 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kandinsky3.diffusion import (
+    DEFAULT_STEPS,
     FLASH_TIMESTEPS,
     SAMPLERS,
     cosine_alphas_cumprod,
@@ -32,6 +33,7 @@ from kandinsky3.diffusion import (
     sample_original,
     trailing_timesteps,
 )
+from kandinsky3.diffusion.samplers import sample_dpmpp_2m_sde  # not re-exported by the package yet
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notice inside diffusers' DPM
@@ -151,10 +153,50 @@ def test_dpmpp_2m_matches_diffusers(steps, final_sigmas_type, euler_at_final):
     assert max_abs(got, expected) <= TOL
 
 
-def test_dpmpp_2m_with_zero_final_sigma_returns_last_x0():
+@pytest.mark.parametrize(
+    "steps, final_sigmas_type, euler_at_final, lower_order_final",
+    [(5, "zero", False, True), (10, "zero", False, True), (25, "zero", False, True), (1, "zero", False, True),
+     (5, "sigma_min", False, True), (10, "sigma_min", False, False), (25, "sigma_min", False, True),
+     (25, "sigma_min", True, True)],
+)
+def test_dpmpp_2m_sde_matches_diffusers_with_same_noise(steps, final_sigmas_type, euler_at_final, lower_order_final):
+    ref = diffusers.DPMSolverMultistepScheduler(
+        beta_schedule="squaredcos_cap_v2", algorithm_type="sde-dpmsolver++", solver_order=2,
+        final_sigmas_type=final_sigmas_type, euler_at_final=euler_at_final, lower_order_final=lower_order_final,
+    )
+    ref.set_timesteps(steps)
+    x = start_noise(2)
+    expected = run_diffusers(ref, x, generator=torch.Generator().manual_seed(5))
+    got = sample_dpmpp_2m_sde(toy_denoiser, x, dpm_solver_timesteps(steps), cosine_alphas_cumprod(),
+                              final_sigmas_type=final_sigmas_type, euler_at_final=euler_at_final,
+                              lower_order_final=lower_order_final, generator=torch.Generator().manual_seed(5))
+    assert torch.isfinite(got).all()
+    assert max_abs(got, expected) <= TOL
+
+
+def test_dpmpp_2m_sde_matches_diffusers_with_a_generator_per_sample():
+    ref = diffusers.DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", algorithm_type="sde-dpmsolver++",
+                                                final_sigmas_type="sigma_min")
+    ref.set_timesteps(10)
+    x = start_noise(3)
+    expected = run_diffusers(ref, x, generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    got = sample_dpmpp_2m_sde(toy_denoiser, x, dpm_solver_timesteps(10), cosine_alphas_cumprod(),
+                              final_sigmas_type="sigma_min",
+                              generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert max_abs(got, expected) <= TOL
+
+
+def test_dpmpp_2m_sde_defaults_to_the_dpm_solver_timesteps():
+    assert DEFAULT_STEPS["dpmpp_2m_sde"] == 25 and SAMPLERS["dpmpp_2m_sde"] is sample_dpmpp_2m_sde
+    assert default_timesteps("dpmpp_2m_sde") == dpm_solver_timesteps(25) == default_timesteps("dpmpp_2m")
+    assert default_timesteps("dpmpp_2m_sde", 10) == dpm_solver_timesteps(10)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_sde"])
+def test_dpmpp_2m_with_zero_final_sigma_returns_last_x0(name):
     seen = []
-    out = sample_dpmpp_2m(toy_denoiser, start_noise(), dpm_solver_timesteps(6), cosine_alphas_cumprod(),
-                          callback=lambda info: seen.append(info["x0"]))
+    out = SAMPLERS[name](toy_denoiser, start_noise(), dpm_solver_timesteps(6), cosine_alphas_cumprod(),
+                         generator=torch.Generator().manual_seed(0), callback=lambda info: seen.append(info["x0"]))
     assert torch.equal(out, seen[-1])
 
 
@@ -268,7 +310,10 @@ def _run(name, x, generator, **kwargs):
                           cosine_alphas_cumprod(), generator=generator, **kwargs)
 
 
-@pytest.mark.parametrize("name, kwargs", [("original", {}), ("ddpm", {}), ("ddim", {"eta": 1.0}), ("flash", {})])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("original", {}), ("ddpm", {}), ("ddim", {"eta": 1.0}), ("dpmpp_2m_sde", {}), ("flash", {})],
+)
 def test_sampler_is_deterministic_given_generator_and_leaves_global_rng_alone(name, kwargs):
     x = start_noise()
     state = torch.get_rng_state()
@@ -303,10 +348,12 @@ def test_callback_sees_every_step_and_progress_wraps_the_loop(name):
     assert out.shape == x.shape and out.dtype == x.dtype
 
 
-def test_sampler_accepts_tensor_timesteps_and_runs_in_x_dtype():
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m_sde"])
+def test_sampler_accepts_tensor_timesteps_and_runs_in_x_dtype(name):
     x = start_noise().double()
-    out = sample_ddim(toy_denoiser, x, torch.tensor(leading_timesteps(5)), cosine_alphas_cumprod())
-    assert out.dtype == torch.float64
+    out = SAMPLERS[name](toy_denoiser, x, torch.tensor(default_timesteps(name, 5)), cosine_alphas_cumprod(),
+                         generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
 
 
 def test_samplers_reject_bad_arguments():
@@ -317,6 +364,8 @@ def test_samplers_reject_bad_arguments():
         sample_original(toy_denoiser, x, [999], ac, eta=-1.0)
     with pytest.raises(ValueError, match="final_sigmas_type"):
         sample_dpmpp_2m(toy_denoiser, x, [999], ac, final_sigmas_type="one")
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        sample_dpmpp_2m_sde(toy_denoiser, x, [999], ac, final_sigmas_type="one")
     with pytest.raises(ValueError, match="generators for a batch"):
         sample_flash(toy_denoiser, x, FLASH_TIMESTEPS, ac, generator=[torch.Generator()])
 

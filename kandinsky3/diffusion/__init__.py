@@ -17,6 +17,7 @@ from .samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_flash,
     sample_original,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
     "sample_flash",
     "sample_original",
     "trailing_timesteps",

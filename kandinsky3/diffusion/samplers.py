@@ -24,6 +24,7 @@ Notation (SPEC §5; Ho et al. 2020 "DDPM"; Song et al. 2021 "DDIM"; Lu et al. 20
     sigma       σ                       std of the fresh noise added by an ancestral step
     alpha, sig  α_t = √ᾱ_t, σ_t = √(1−ᾱ_t)   VP marginal coefficients (DPM-Solver notation)
     lam         λ_t = log(α_t/σ_t)      half log-SNR; h = λ_prev − λ_t is the step size
+    d           D                       DPM-Solver++ data term: x̂₀, or x̂₀ + (x̂₀ − x̂₀_prev)·h/(2h_prev) (2M)
     z           z ~ N(0, I)             fresh Gaussian noise
 """
 
@@ -225,6 +226,61 @@ def sample_ddim(
     return x
 
 
+def _dpmpp_2m(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    sde: bool,
+    final_sigmas_type: str,
+    lower_order_final: bool,
+    euler_at_final: bool,
+    x0_transform: X0Transform | None,
+    generator: GeneratorLike,
+    callback: Callback | None,
+    progress: Progress | None,
+) -> torch.Tensor:
+    """The DPM-Solver++(2M) loop shared by ``sample_dpmpp_2m`` (ODE) and ``sample_dpmpp_2m_sde`` (``sde=True``)."""
+    if final_sigmas_type not in ("zero", "sigma_min"):
+        raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+    ts, a_all, a_prev_all = _schedule(alphas_cumprod, x, timesteps, final=1.0 if final_sigmas_type == "zero" else None)
+    n = len(ts)
+    alpha_all, sig_all = _alpha_sigma(a_all)
+    alpha_next_all, sig_next_all = _alpha_sigma(a_prev_all)
+    lam_all = alpha_all.log() - sig_all.log()
+    lam_next_all = alpha_next_all.log() - sig_next_all.log()  # +inf when the target is σ = 0
+    first_order_last = final_sigmas_type == "zero" or euler_at_final or (lower_order_final and n < 15)
+    x0_prev = h_prev = None
+    for i in _steps(n, progress):
+        alpha_next, sig, sig_next = alpha_next_all[i], sig_all[i], sig_next_all[i]
+        eps = denoiser(x, _t_batch(ts[i], x))
+        # 1. Data prediction x̂₀ = (x_t − σ_t ε̂)/α_t (DPM-Solver++ §3).
+        x0 = (x - sig * eps) / alpha_all[i]
+        if x0_transform is not None:
+            x0 = x0_transform(x0)
+        if callback is not None:
+            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
+        h = lam_next_all[i] - lam_all[i]
+        # 2. First order uses D = x̂₀. Second order (midpoint, Alg. 2) extrapolates it to the middle of the step:
+        #    D = x̂₀ + (1/(2r))(x̂₀ − x̂₀_prev), r = h_prev/h. The SDE variant uses the same D.
+        if x0_prev is None or (i == n - 1 and first_order_last):
+            d = x0
+        else:
+            d = x0 + (x0 - x0_prev) * (h / (2 * h_prev))
+        if sde:
+            # 3a. SDE-DPM-Solver++: x_next = (σ_next/σ_t)e^{−h} x_t + α_next(1 − e^{−2h}) D + σ_next√(1 − e^{−2h}) z.
+            #     A σ = 0 target (h = +∞) gives exactly x_next = D; z is still drawn, as diffusers does.
+            gain = -torch.expm1(-2 * h)  # 1 − e^{−2h}
+            z = _randn_like(x, generator)
+            x = (sig_next / sig * torch.exp(-h)) * x + (alpha_next * gain) * d + (sig_next * gain.sqrt()) * z
+        else:
+            # 3b. ODE (DDIM η=0 when D = x̂₀): x_next = (σ_next/σ_t) x_t − α_next (e^{−h} − 1) D.
+            x = (sig_next / sig) * x - (alpha_next * torch.expm1(-h)) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
 def sample_dpmpp_2m(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -249,35 +305,42 @@ def sample_dpmpp_2m(
     ``dpm_solver_timesteps(n)`` for diffusers' default list. ``generator`` is accepted for a uniform
     signature and unused.
     """
-    if final_sigmas_type not in ("zero", "sigma_min"):
-        raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
-    ts, a_all, a_prev_all = _schedule(alphas_cumprod, x, timesteps, final=1.0 if final_sigmas_type == "zero" else None)
-    n = len(ts)
-    alpha_all, sig_all = _alpha_sigma(a_all)
-    alpha_next_all, sig_next_all = _alpha_sigma(a_prev_all)
-    lam_all = alpha_all.log() - sig_all.log()
-    lam_next_all = alpha_next_all.log() - sig_next_all.log()  # +inf when the target is σ = 0
-    first_order_last = final_sigmas_type == "zero" or euler_at_final or (lower_order_final and n < 15)
-    x0_prev = h_prev = None
-    for i in _steps(n, progress):
-        alpha_next, sig, sig_next = alpha_next_all[i], sig_all[i], sig_next_all[i]
-        eps = denoiser(x, _t_batch(ts[i], x))
-        # 1. Data prediction x̂₀ = (x_t − σ_t ε̂)/α_t (DPM-Solver++ §3).
-        x0 = (x - sig * eps) / alpha_all[i]
-        if x0_transform is not None:
-            x0 = x0_transform(x0)
-        if callback is not None:
-            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
-        h = lam_next_all[i] - lam_all[i]
-        # 2. First order (= DDIM η=0): x_next = (σ_next/σ_t) x_t − α_next (e^{−h} − 1) x̂₀.
-        #    Second order (midpoint, Alg. 2): replace x̂₀ by D = x̂₀ + (1/(2r))(x̂₀ − x̂₀_prev), r = h_prev/h.
-        if x0_prev is None or (i == n - 1 and first_order_last):
-            d = x0
-        else:
-            d = x0 + (x0 - x0_prev) * (h / (2 * h_prev))
-        x = (sig_next / sig) * x - (alpha_next * torch.expm1(-h)) * d
-        x0_prev, h_prev = x0, h
-    return x
+    return _dpmpp_2m(
+        denoiser, x, timesteps, alphas_cumprod, sde=False, final_sigmas_type=final_sigmas_type,
+        lower_order_final=lower_order_final, euler_at_final=euler_at_final, x0_transform=x0_transform,
+        generator=generator, callback=callback, progress=progress,
+    )
+
+
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    final_sigmas_type: str = "zero",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    x0_transform: X0Transform | None = None,
+    generator: GeneratorLike = None,
+    callback: Callback | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, the SDE variant); stochastic.
+
+    Matches diffusers ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2,
+    solver_type="midpoint")``. With h = λ_next − λ_t each step is
+    x_next = (σ_next/σ_t)e^{−h} x_t + α_next(1 − e^{−2h}) D + σ_next√(1 − e^{−2h}) z, with the same D, the
+    same first-order steps and the same ``final_sigmas_type`` / ``lower_order_final`` / ``euler_at_final``
+    rules as ``sample_dpmpp_2m`` (a σ = 0 final target returns the last x̂₀ exactly). One z is drawn from
+    ``generator`` on every step, the last included, as diffusers' ``step`` draws it, so the same CPU
+    generator gives diffusers' result (diffusers draws in fp32; here in x's dtype, the same for fp32 x).
+    """
+    return _dpmpp_2m(
+        denoiser, x, timesteps, alphas_cumprod, sde=True, final_sigmas_type=final_sigmas_type,
+        lower_order_final=lower_order_final, euler_at_final=euler_at_final, x0_transform=x0_transform,
+        generator=generator, callback=callback, progress=progress,
+    )
 
 
 def sample_flash(
@@ -317,12 +380,13 @@ SAMPLERS: Mapping[str, Callable[..., torch.Tensor]] = MappingProxyType(
         "ddpm": sample_ddpm,
         "ddim": sample_ddim,
         "dpmpp_2m": sample_dpmpp_2m,
+        "dpmpp_2m_sde": sample_dpmpp_2m_sde,
         "flash": sample_flash,
     }
 )
 
 DEFAULT_STEPS: Mapping[str, int] = MappingProxyType(
-    {"original": 50, "ddpm": 25, "ddim": 50, "dpmpp_2m": 25, "flash": len(FLASH_TIMESTEPS)}
+    {"original": 50, "ddpm": 25, "ddim": 50, "dpmpp_2m": 25, "dpmpp_2m_sde": 25, "flash": len(FLASH_TIMESTEPS)}
 )
 
 
@@ -330,9 +394,9 @@ def default_timesteps(sampler: str, steps: int | None = None) -> list[int]:
     """The timestep list each sampler is normally run with (``steps`` None → the sampler's default count).
 
     original → ``original_timesteps(steps)`` (default 50); ddpm and ddim → ``leading_timesteps(steps, offset=1)``,
-    the kandinsky-community scheduler spacing (defaults 25 and 50); dpmpp_2m → ``dpm_solver_timesteps(steps)``,
-    diffusers' default "linspace" (default 25); flash → ``FLASH_TIMESTEPS`` (only 4 steps exist; any other
-    ``steps`` is an error rather than silently ignored as in the original).
+    the kandinsky-community scheduler spacing (defaults 25 and 50); dpmpp_2m and dpmpp_2m_sde →
+    ``dpm_solver_timesteps(steps)``, diffusers' default "linspace" (default 25); flash → ``FLASH_TIMESTEPS``
+    (only 4 steps exist; any other ``steps`` is an error rather than silently ignored as in the original).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -343,6 +407,6 @@ def default_timesteps(sampler: str, steps: int | None = None) -> list[int]:
         return list(FLASH_TIMESTEPS)
     if sampler == "original":
         return original_timesteps(n)
-    if sampler == "dpmpp_2m":
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
         return dpm_solver_timesteps(n)
     return leading_timesteps(n, offset=1)

@@ -80,7 +80,7 @@ def storage_dtype(model: nn.Module) -> torch.dtype:
     for parameter in model.parameters():
         if not parameter.is_meta:
             return parameter.dtype
-        first = first or parameter
+        first = parameter if first is None else first
     if first is None:
         raise ValueError(f"{type(model).__name__} has no parameters")
     return first.dtype

@@ -15,7 +15,6 @@ Conditioning semantics follow the weights (SPEC §4.4–4.6):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -166,7 +165,7 @@ def sampler_setup(
         if sampler not in ("original", "ddim"):
             raise ValueError(f"eta applies to the 'original' and 'ddim' samplers, not {sampler!r}")
         kwargs["eta"] = float(eta)
-    if sampler == "original" or (scheduler_config is None and sampler in ("ddpm", "ddim", "dpmpp_2m")):
+    if sampler == "original" or (scheduler_config is None and sampler != "flash"):
         # Kandinsky 3's own x̂₀ treatment; with original-layout weights every sampler gets it (without it the
         # deterministic samplers drift: x̂₀ = (x − σ ε̂)/α is unbounded at high noise)
         kwargs["x0_transform"] = (
@@ -348,34 +347,6 @@ def gather_conditions(conditions: TextConditions, part: slice) -> TextConditions
         return None if pair is None else (pair[0][part, :length], pair[1][part, :length])
 
     return TextConditions(pick(conditions.cond), pick(conditions.uncond))
-
-
-@contextlib.contextmanager
-def placed(module: torch.nn.Module, offload: dict[str, torch.device] | None, name: str):
-    """Offloading: with ``offload`` = {component: device}, ``module`` moves to its device for the
-    duration of the block and back to the CPU afterwards (its memory there is freed); with None
-    it stays where it is."""
-    if offload is None:
-        yield module
-        return
-    device = torch.device(offload[name])
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def check_offload(offload: dict[str, Any] | None) -> dict[str, torch.device] | None:
-    """Validate an offload map {"unet": device, "text_encoder": device, "movq": device}."""
-    if offload is None:
-        return None
-    names = {"unet", "text_encoder", "movq"}
-    if set(offload) != names:
-        raise ValueError(f"offload must map exactly {sorted(names)} to devices, got {sorted(offload)}")
-    return {name: torch.device(device) for name, device in offload.items()}
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

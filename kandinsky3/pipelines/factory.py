@@ -17,11 +17,15 @@ memory — the 17 GB Flan-UL2 encoder on a 24 GB machine or a 16 GB GPU; True/Fa
 ``dtype_map`` dtype, layers compute in this one: ``dtype_map=torch.bfloat16, compute_dtype=torch.float32``
 halves the memory on CPUs whose bf16 math is slow, see :mod:`kandinsky3.models.storage`).
 ``offload=True`` keeps every component on the CPU and moves each to its ``device_map`` device only
-while it runs.
+while it runs. ``offload="disk"`` keeps the U-Net and the MoVQ nowhere between phases: each is read from
+the checkpoint files (straight to its device and dtype) when its phase starts and dropped when it ends,
+and T5 streams (``stream_t5`` defaults to True): the least memory — the largest component alone — for
+re-reading the U-Net at every call (see :mod:`kandinsky3.pipelines.residency`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from typing import Any
 import torch
 
 from ..models.storage import compute_dtype, compute_in
-from ..weights import load_components, load_movq, load_text_encoder, load_unet
+from ..weights import hub, load_components, load_movq, load_text_encoder, load_unet
 from .img2img import Kandinsky3Img2ImgPipeline
 from .inpainting import Kandinsky3InpaintingPipeline
 from .text_to_image import Kandinsky3Pipeline
@@ -110,34 +114,34 @@ _UNET_OPTIONS = ("unet_config", "head_dim", "groups")
 _MOVQ_OPTIONS = ("movq_config", "norm_groups")
 
 
-def _load(model, variant, places, unet_path, movq_path, text_encoder_path, options):
-    """Load each component with its own device and dtype; returns (components dict, conditioning, scheduler_config)."""
-    loaded: dict[str, Any] = {}
-    conditioning, scheduler_config = "original", None
-    overrides = {"unet": unet_path, "movq": movq_path, "text_encoder": text_encoder_path}
-    for name in COMPONENT_NAMES:
-        device, dtype = places[name]
-        if overrides[name] is not None:
-            path = overrides[name]
-            if name == "unet":
-                hints = {k.replace("unet_", ""): v for k, v in options.items() if k in _UNET_OPTIONS}
-                loaded[name] = load_unet(path, variant=variant, dtype=dtype, device=device, **hints)
-            elif name == "movq":
-                hints = {k.replace("movq_", ""): v for k, v in options.items() if k in _MOVQ_OPTIONS}
-                loaded[name] = load_movq(path, dtype=dtype, device=device, **hints)
-            else:
-                loaded[name] = load_text_encoder(
-                    path, variant=variant, dtype=dtype, device=device, t5_path=options.get("t5_path"),
-                    stream_t5=options.get("stream_t5", "auto"), t5_prefetch=options.get("t5_prefetch", True),
-                )
-            continue
-        parts = load_components(model, variant=variant, dtype=dtype, device=device, components=(name,),
-                                **{"stream_t5": "auto", **options})
-        loaded[name] = getattr(parts, name)
-        if name == "text_encoder":
-            conditioning = parts.conditioning
-        scheduler_config = parts.scheduler_config if parts.scheduler_config is not None else scheduler_config
-    return loaded, conditioning, scheduler_config
+def _load_one(name, model, variant, device, dtype, override, options):
+    """Load one component with its device and dtype; returns (module, conditioning or None, scheduler_config)."""
+    if override is not None:
+        if name == "unet":
+            hints = {k.replace("unet_", ""): v for k, v in options.items() if k in _UNET_OPTIONS}
+            return load_unet(override, variant=variant, dtype=dtype, device=device, **hints), None, None
+        if name == "movq":
+            hints = {k.replace("movq_", ""): v for k, v in options.items() if k in _MOVQ_OPTIONS}
+            return load_movq(override, dtype=dtype, device=device, **hints), None, None
+        encoder = load_text_encoder(
+            override, variant=variant, dtype=dtype, device=device, t5_path=options.get("t5_path"),
+            stream_t5=options.get("stream_t5", "auto"), t5_prefetch=options.get("t5_prefetch", True),
+        )
+        return encoder, None, None
+    parts = load_components(model, variant=variant, dtype=dtype, device=device, components=(name,),
+                            **{"stream_t5": "auto", **options})
+    conditioning = parts.conditioning if name == "text_encoder" else None
+    return getattr(parts, name), conditioning, parts.scheduler_config
+
+
+def _prepare(name: str, network: torch.nn.Module, device: torch.device, compute: torch.dtype | None):
+    """Inference settings applied after loading: the compute dtype; channels-last for a MoVQ on the CPU
+    (decode_latents runs the decoder channels-last there)."""
+    if compute is not None and compute_dtype(network) != compute:
+        compute_in(network, compute)
+    if name == "movq" and device.type == "cpu":
+        network.to(memory_format=torch.channels_last)
+    return network
 
 
 def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, text_encoder_path, options, offload,
@@ -152,28 +156,49 @@ def _build(kind: str, device_map, fp16, dtype_map, model, unet_path, movq_path, 
             f"unsupported arguments {sorted(unsupported)}; 8/4-bit loading is not available — "
             "use dtype_map with torch.bfloat16/float16 instead"
         )
+    if offload not in (True, False, "disk"):
+        raise ValueError(f"offload must be True, False or 'disk', got {offload!r}")
     variant = {"t2i": "base", "img2img": "base", "flash": "flash", "inpainting": "inpainting"}[kind]
     places = placement(device_map, dtype_map, fp16, tiny=str(model) == "tiny")
-    offload_map = {name: device for name, (device, _) in places.items()} if offload else None
-    if offload:  # load on the CPU; each component visits its device only while it runs
+    offload_map = {name: device for name, (device, _) in places.items()} if offload is True else None
+    if offload is True:  # load on the CPU; each component visits its device only while it runs
         places = {name: (torch.device("cpu"), dtype) for name, (_, dtype) in places.items()}
     compute = options.pop("compute_dtype", None)
-    components, conditioning, scheduler_config = _load(
-        resolve_model(model, variant), variant, places, unet_path, movq_path, text_encoder_path, options
-    )
-    if compute is not None:
-        compute = _as_dtype(compute)
-        for network in components.values():
-            if compute_dtype(network) != compute:
-                compute_in(network, compute)
-    if places["movq"][0].type == "cpu":  # decode_latents runs the decoder channels-last on the CPU
-        components["movq"].to(memory_format=torch.channels_last)
+    compute = None if compute is None else _as_dtype(compute)
+    model = resolve_model(model, variant)
+    if offload == "disk":
+        options.setdefault("stream_t5", True)  # the streamed T5 is the on-disk text encoder
+        if hub.is_repo_id(str(model)):  # resolve (and download) once, not at every reload
+            model = hub.resolve(str(model), components=COMPONENT_NAMES, variant=variant)
+    overrides = {"unet": unet_path, "movq": movq_path, "text_encoder": text_encoder_path}
+    components, reload = {}, {}
+    conditioning, scheduler_config = "original", None
+    for name in COMPONENT_NAMES:
+        device, dtype = places[name]
+        load = functools.partial(_load_one, name, model, variant, device, dtype, overrides[name], options)
+        if offload == "disk" and name != "text_encoder":
+            # a skeleton on the meta device now (no tensor data is read); the weights at each phase
+            network, found_conditioning, found_scheduler = _load_one(
+                name, model, variant, "meta", dtype, overrides[name], options)
+            network = _prepare(name, network, device, compute)
+            reload[name] = functools.partial(_reload, load, name, device, compute)
+        else:
+            network, found_conditioning, found_scheduler = load()
+            network = _prepare(name, network, device, compute)
+        components[name] = network
+        conditioning = found_conditioning or conditioning
+        scheduler_config = found_scheduler if found_scheduler is not None else scheduler_config
     args = (components["unet"], components["movq"], components["text_encoder"])
+    residency = {"offload": offload_map, "reload": reload or None}
     if kind == "inpainting":
-        return Kandinsky3InpaintingPipeline(*args, conditioning=conditioning, offload=offload_map)
+        return Kandinsky3InpaintingPipeline(*args, conditioning=conditioning, **residency)
     cls = Kandinsky3Img2ImgPipeline if kind == "img2img" else Kandinsky3Pipeline
     return cls(*args, conditioning=conditioning, scheduler_config=scheduler_config, flash=kind == "flash",
-               offload=offload_map)
+               **residency)
+
+
+def _reload(load, name: str, device: torch.device, compute: torch.dtype | None) -> torch.nn.Module:
+    return _prepare(name, load()[0], device, compute)
 
 
 def get_T2I_pipeline(
@@ -186,7 +211,7 @@ def get_T2I_pipeline(
     movq_path: str | Path | None = None,
     text_encoder_path: str | Path | None = None,
     load_options: dict[str, Any] | None = None,
-    offload: bool = False,
+    offload: bool | str = False,
     **unsupported: Any,
 ) -> Kandinsky3Pipeline:
     """Text-to-image pipeline.  ``device_map``/``dtype_map`` take one value or a dict with the
@@ -205,7 +230,7 @@ def get_T2I_Flash_pipeline(
     movq_path: str | Path | None = None,
     text_encoder_path: str | Path | None = None,
     load_options: dict[str, Any] | None = None,
-    offload: bool = False,
+    offload: bool | str = False,
     **unsupported: Any,
 ) -> Kandinsky3Pipeline:
     """Kandinsky Flash (3.1's distilled U-Net and ``projection_flash``): 4 steps, no guidance."""
@@ -223,7 +248,7 @@ def get_inpainting_pipeline(
     movq_path: str | Path | None = None,
     text_encoder_path: str | Path | None = None,
     load_options: dict[str, Any] | None = None,
-    offload: bool = False,
+    offload: bool | str = False,
     **unsupported: Any,
 ) -> Kandinsky3InpaintingPipeline:
     """Inpainting pipeline (9-channel U-Net, ``projection_inpainting``); mask 1 = repaint."""
@@ -241,7 +266,7 @@ def get_img2img_pipeline(
     movq_path: str | Path | None = None,
     text_encoder_path: str | Path | None = None,
     load_options: dict[str, Any] | None = None,
-    offload: bool = False,
+    offload: bool | str = False,
     **unsupported: Any,
 ) -> Kandinsky3Img2ImgPipeline:
     """Img2img pipeline over the base weights (diffusers' strength semantics)."""

@@ -65,14 +65,15 @@ class Kandinsky3Img2ImgPipeline(Kandinsky3Pipeline):
         sample_fn, timesteps, kwargs = common.sampler_setup(
             sampler, steps, eta=eta, threshold=self.threshold_percentile, scheduler_config=self.scheduler_config
         )
-        if sampler == "dpmpp_2m":
-            raise ValueError("img2img supports the 'original', 'ddpm' and 'ddim' samplers")
+        if sampler.startswith("dpmpp"):
+            raise ValueError("img2img supports the 'original', 'ddpm' and 'ddim' samplers "
+                             "(DPM-Solver's timestep list is not cut by strength)")
         timesteps = schedule.img2img_timesteps(timesteps, strength)
-        with common.placed(self.movq, self.offload, "movq"):
+        with self.phase("movq"):
             init = self._image_latents(image, len(prompt_list), width, height)  # (P, 4, h, w)
         init = init.repeat_interleave(num_images_per_prompt, dim=0)  # (B, 4, h, w)
         generators = common.make_generators(seed, generator, len(prompts))
-        with common.placed(self.text_encoder, self.offload, "text_encoder"):
+        with self.phase("text_encoder"):
             conditions = common.encode_text(
                 self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
             )
@@ -83,7 +84,7 @@ class Kandinsky3Img2ImgPipeline(Kandinsky3Pipeline):
             noise = common.initial_noise(tuple(x0.shape), gen, torch.device("cpu"))
             return schedule.q_sample(x0, noise, start_t, self.alphas_cumprod)
 
-        with common.placed(self.unet, self.offload, "unet"):
+        with self.phase("unet"):
             latents = common.denoise(
                 self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
                 alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
@@ -91,7 +92,7 @@ class Kandinsky3Img2ImgPipeline(Kandinsky3Pipeline):
             )
         if output_type == "latent":
             return latents
-        with common.placed(self.movq, self.offload, "movq"):
+        with self.phase("movq"):
             images = common.decode_latents(self.movq, latents)
         return common.to_output(images, output_type)
 

@@ -22,6 +22,7 @@ from PIL import Image
 from ..diffusion import schedule
 from ..models.text_encoder import TextEncoder
 from . import common
+from .residency import Loader, Residency
 
 __all__ = ["Kandinsky3InpaintingPipeline", "prepare_mask", "working_size"]
 
@@ -70,7 +71,7 @@ def prepare_mask(mask: Any, size: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-class Kandinsky3InpaintingPipeline:
+class Kandinsky3InpaintingPipeline(Residency):
     """Inpainting: repaint the masked region of an image following a prompt.
 
     Components as in :class:`~kandinsky3.pipelines.text_to_image.Kandinsky3Pipeline`; the U-Net
@@ -82,7 +83,8 @@ class Kandinsky3InpaintingPipeline:
     threshold_percentile = 0.95
 
     def __init__(self, unet: torch.nn.Module, movq: torch.nn.Module, text_encoder: TextEncoder, *,
-                 conditioning: str = "original", offload: dict[str, Any] | None = None):
+                 conditioning: str = "original", offload: dict[str, Any] | None = None,
+                 reload: dict[str, Loader] | None = None):
         if unet.config.num_channels != 2 * movq.config.z_channels + 1:
             raise ValueError(
                 f"inpainting needs a U-Net with {2 * movq.config.z_channels + 1} input channels "
@@ -92,7 +94,7 @@ class Kandinsky3InpaintingPipeline:
             raise ValueError(f"conditioning must be one of {common.CONDITIONING_STYLES}, got {conditioning!r}")
         self.unet, self.movq, self.text_encoder = unet, movq, text_encoder
         self.conditioning = conditioning
-        self.offload = common.check_offload(offload)  # as in Kandinsky3Pipeline
+        self.set_residency(offload, reload)  # as in Kandinsky3Pipeline
         self.alphas_cumprod = schedule.cosine_alphas_cumprod()
 
     def __call__(
@@ -147,11 +149,11 @@ class Kandinsky3InpaintingPipeline:
         width, height = working_size(*image.size, common.size_multiple(self.unet, self.movq))
         pixels = common.pil_to_tensor(image, width, height)  # (1, 3, H', W') in [-1, 1]
         repaint = self._resize_mask(user_mask, width, height)  # (1, 1, H', W')
-        with common.placed(self.movq, self.offload, "movq"):
+        with self.phase("movq"):
             extra = self._conditioning_channels(pixels, repaint)  # (1, 5, h, w)
         extra = extra.expand(len(prompts), -1, -1, -1)
         generators = common.make_generators(seed, generator, len(prompts))
-        with common.placed(self.text_encoder, self.offload, "text_encoder"):
+        with self.phase("text_encoder"):
             conditions = common.encode_text(
                 self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
             )
@@ -160,7 +162,7 @@ class Kandinsky3InpaintingPipeline:
         def start(indices: list[int], gen) -> torch.Tensor:
             return common.initial_noise((len(indices), *latent_shape), gen, torch.device("cpu"))
 
-        with common.placed(self.unet, self.offload, "unet"):
+        with self.phase("unet"):
             latents = common.denoise(
                 self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
                 alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
@@ -168,7 +170,7 @@ class Kandinsky3InpaintingPipeline:
             )
         if output_type == "latent":
             return latents
-        with common.placed(self.movq, self.offload, "movq"):
+        with self.phase("movq"):
             generated = common.decode_latents(self.movq, latents)  # (B, 3, H', W') in [-1, 1]
         return common.to_output(self._finish(generated, image, user_mask, paste_back), output_type)
 

@@ -13,11 +13,12 @@ import torch
 from ..diffusion import schedule
 from ..models.text_encoder import TextEncoder
 from . import common
+from .residency import Loader, Residency
 
 __all__ = ["Kandinsky3Pipeline"]
 
 
-class Kandinsky3Pipeline:
+class Kandinsky3Pipeline(Residency):
     """Text-to-image with the Kandinsky 3 base model, or 4-step Kandinsky Flash (``flash=True``).
 
     Args:
@@ -32,6 +33,9 @@ class Kandinsky3Pipeline:
         offload: {"unet": device, "text_encoder": device, "movq": device}: keep every component
             on the CPU and move it to its device only while it runs (the 8.6B text encoder is
             never resident beside the U-Net); None = components stay where they are.
+        reload: {component: loader} for any of them: the component waits on the meta device,
+            holding no memory, and ``loader()`` reads it from disk each time its phase starts
+            (see :mod:`kandinsky3.pipelines.residency`; the factories' ``offload="disk"``).
     """
 
     default_guidance_scale = 3.0
@@ -47,6 +51,7 @@ class Kandinsky3Pipeline:
         scheduler_config: dict[str, Any] | None = None,
         flash: bool = False,
         offload: dict[str, Any] | None = None,
+        reload: dict[str, Loader] | None = None,
     ):
         if conditioning not in common.CONDITIONING_STYLES:
             raise ValueError(f"conditioning must be one of {common.CONDITIONING_STYLES}, got {conditioning!r}")
@@ -55,7 +60,7 @@ class Kandinsky3Pipeline:
         self.conditioning = conditioning
         self.scheduler_config = scheduler_config
         self.flash = flash
-        self.offload = common.check_offload(offload)
+        self.set_residency(offload, reload)
         self.alphas_cumprod = schedule.cosine_alphas_cumprod()
 
     @property
@@ -94,9 +99,10 @@ class Kandinsky3Pipeline:
             num_images_per_prompt / images_num: images per prompt (``images_num`` is the original name).
             bs: images per U-Net batch (the CFG batch is twice that); default all at once.
             width, height: pixels, multiples of 64 (MoVQ factor × U-Net factor).
-            steps: sampler steps (default 50 for "original", 25 for "ddpm"/"dpmpp_2m").
+            steps: sampler steps (default 50 for "original", 25 for "ddpm"/"dpmpp_2m"/"dpmpp_2m_sde").
             guidance_scale: w in ε = (w+1)·ε_cond − w·ε_uncond (default 3.0; 0 disables CFG).
-            sampler: "original", "ddpm", "ddim", "dpmpp_2m" (or "flash" for Flash weights).
+            sampler: "original", "ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde" (stochastic DPM-Solver++)
+                (or "flash" for Flash weights).
             eta: noise of the "original" (default 1) and "ddim" (default 0) samplers.
             seed / generator: seed → image i uses a CPU generator seeded seed + i.
             latents: (B, 4, height/8, width/8) start noise instead of drawing it.
@@ -120,7 +126,7 @@ class Kandinsky3Pipeline:
         shape = (len(prompts), self.unet.config.out_channels, height // factor, width // factor)
         latents = self._check_latents(latents, shape)
         generators = common.make_generators(seed, generator, len(prompts))
-        with common.placed(self.text_encoder, self.offload, "text_encoder"):
+        with self.phase("text_encoder"):
             conditions = common.encode_text(
                 self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
             )
@@ -130,7 +136,7 @@ class Kandinsky3Pipeline:
                 return latents[indices]
             return common.initial_noise((len(indices), *shape[1:]), gen, torch.device("cpu"))
 
-        with common.placed(self.unet, self.offload, "unet"):
+        with self.phase("unet"):
             result = common.denoise(
                 self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
                 alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
@@ -138,7 +144,7 @@ class Kandinsky3Pipeline:
             )
         if output_type == "latent":
             return result
-        with common.placed(self.movq, self.offload, "movq"):
+        with self.phase("movq"):
             images = common.decode_latents(self.movq, result, decode_slice_size)
         return common.to_output(images, output_type)
 

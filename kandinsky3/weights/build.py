@@ -88,13 +88,25 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device |
 def instantiate(
     kind: str, config: Any, tensors: TensorSource, *, dtype: torch.dtype | None = None, device="cpu"
 ) -> nn.Module:
-    """Build ``KINDS[kind]`` from ``config`` and fill it from ``tensors`` (dtype None: the stored dtype)."""
+    """Build ``KINDS[kind]`` from ``config`` and fill it from ``tensors`` (dtype None: the stored dtype).
+
+    ``device="meta"`` reads no tensor data: the result is a skeleton with the checkpoint's shapes and dtypes, which
+    :func:`kandinsky3.models.residency.adopt` later fills (the pipelines' ``offload="disk"`` mode).
+    """
     expected = expected_shapes(kind, config)
     check_shapes(tensors.shapes(), expected, tensors.path, _WHAT[kind])
     if dtype is None:
         dtype = tensors.floating_dtype()
     with torch.device("meta"):
         model = KINDS[kind][0](config)
+    if torch.device(device).type == "meta":
+        skeleton = {}
+        for key, shape in expected.items():
+            stored_dtype = tensors.meta(key)[1]
+            skeleton[key] = torch.empty(shape, dtype=dtype if stored_dtype.is_floating_point else stored_dtype,
+                                        device="meta")
+        model.load_state_dict(skeleton, strict=True, assign=True)
+        return model.eval()
     state = {}
     for key in expected:
         stored = tensors[key]

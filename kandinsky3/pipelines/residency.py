@@ -1,0 +1,148 @@
+"""Where a pipeline's components live between the phases of a call (encode text → denoise → decode).
+
+Three policies, chosen per component when a pipeline is built:
+
+* resident (default): a component stays where it was built.
+* offload ``{component: device}``: it waits on the CPU and visits its device only while its phase runs (the
+  8.6B text encoder is never on the GPU beside the U-Net).
+* reload ``{component: loader}``: it waits on the *meta* device, holding no memory at all: its phase starts by
+  calling ``loader()`` (which reads the weights from the checkpoint files) and moving the loaded tensors into it
+  (:func:`adopt`), and ends by dropping them again (:func:`release`). Peak memory is then that of the largest
+  component alone, not of all three; the price is reading that component from disk on every call. The factories'
+  ``offload="disk"`` builds this policy.
+
+The pipeline keeps the same module objects throughout (``pipe.unet.config`` etc. work in every state); only the
+tensors behind their parameters come and go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..weights.t5_stream import is_streamed
+
+__all__ = ["COMPONENTS", "Residency", "check_offload", "check_reload", "placed", "adopt", "release", "is_released"]
+
+COMPONENTS = ("unet", "text_encoder", "movq")
+Loader = Callable[[], nn.Module]
+
+
+def check_offload(offload: dict[str, Any] | None) -> dict[str, torch.device] | None:
+    """Validate an offload map {"unet": device, "text_encoder": device, "movq": device}."""
+    if offload is None:
+        return None
+    if set(offload) != set(COMPONENTS):
+        raise ValueError(f"offload must map exactly {sorted(COMPONENTS)} to devices, got {sorted(offload)}")
+    return {name: torch.device(device) for name, device in offload.items()}
+
+
+def check_reload(reload: dict[str, Loader] | None, offload: dict[str, torch.device] | None) -> dict[str, Loader]:
+    """Validate a reload map {component: loader} (any subset of the components; none also offloaded)."""
+    reload = dict(reload or {})
+    unknown = sorted(set(reload) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"reload names unknown components {unknown}; choose from {list(COMPONENTS)}")
+    for name, loader in reload.items():
+        if not callable(loader):
+            raise TypeError(f"reload[{name!r}] must be a callable returning the loaded {name}, got {loader!r}")
+    if offload is not None and reload:
+        raise ValueError("pass either offload (components wait on the CPU) or reload (they wait on disk), not both")
+    return reload
+
+
+def is_released(module: nn.Module) -> bool:
+    """True when ``module``'s parameters and buffers hold no data (they are on the meta device)."""
+    return any(tensor.is_meta for tensor in _tensors(module))
+
+
+def release(module: nn.Module) -> None:
+    """Drop every parameter and buffer of ``module`` to the meta device (shapes and dtypes are kept). A module
+    that streams its weights (the block-streamed T5) holds none worth dropping and is left alone."""
+    if is_streamed(module):
+        return
+    module.to_empty(device="meta")
+
+
+def adopt(module: nn.Module, loaded: nn.Module) -> nn.Module:
+    """Move the tensors of ``loaded`` (the same architecture, freshly read) into ``module``; returns ``module``.
+
+    Every parameter and buffer moves, non-persistent buffers and parametrized originals included. Raises a
+    ValueError naming the first difference when the two do not have the same tensors (names, shapes, dtypes): a
+    checkpoint changed on disk since the pipeline was built would otherwise be swapped in silently.
+    """
+    ours, theirs = _named_tensors(module), _named_tensors(loaded)
+    if ours.keys() != theirs.keys():
+        missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+        raise ValueError(f"the reloaded component does not match the pipeline's: missing {missing[:4]}, "
+                         f"unexpected {extra[:4]}; rebuild the pipeline")
+    for name, tensor in ours.items():
+        other = theirs[name]
+        if other.shape != tensor.shape or other.dtype != tensor.dtype:
+            raise ValueError(f"the reloaded component's {name} is {tuple(other.shape)} {other.dtype}, the "
+                             f"pipeline's {tuple(tensor.shape)} {tensor.dtype}; rebuild the pipeline")
+    pairs = zip(module.named_modules(remove_duplicate=False), loaded.named_modules(remove_duplicate=False))
+    for (_, target), (_, source) in pairs:
+        target._parameters.update(source._parameters)
+        target._buffers.update(source._buffers)
+    return module
+
+
+@contextlib.contextmanager
+def placed(
+    module: nn.Module,
+    name: str,
+    offload: dict[str, torch.device] | None = None,
+    reload: dict[str, Loader] | None = None,
+) -> Iterator[nn.Module]:
+    """The block in which component ``name`` runs: with a loader in ``reload`` its weights are read at the start
+    (if it holds none) and dropped at the end; with ``offload`` it moves to its device for the block and back to
+    the CPU after it (its device memory is freed); otherwise nothing happens."""
+    loader = (reload or {}).get(name)
+    if loader is not None:
+        if is_released(module):
+            adopt(module, loader())
+        try:
+            yield module
+        finally:
+            release(module)
+        return
+    if offload is None:
+        yield module
+        return
+    device = torch.device(offload[name])
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class Residency:
+    """Mixin of the pipelines: ``self.phase("unet")`` is :func:`placed` for that component under the pipeline's
+    ``offload`` / ``reload`` policies (set once by :meth:`set_residency`)."""
+
+    offload: dict[str, torch.device] | None = None
+    reload: dict[str, Loader] = {}
+
+    def set_residency(self, offload: dict[str, Any] | None, reload: dict[str, Loader] | None) -> None:
+        self.offload = check_offload(offload)
+        self.reload = check_reload(reload, self.offload)
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager[nn.Module]:
+        return placed(getattr(self, name), name, self.offload, self.reload)
+
+
+def _tensors(module: nn.Module):
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name (non-persistent buffers too, unlike ``state_dict``)."""
+    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
