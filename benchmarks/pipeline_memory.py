@@ -6,11 +6,13 @@
 Each side runs in its own process. The parent samples the child's resident set every 50 ms and stops it when it
 passes ``--limit-gib`` (default 20 GiB on a 24 GiB machine, so that the machine itself never runs out); the table
 then says in which phase it was stopped. Phases: load (building the pipeline), encode (T5), denoise (all U-Net
-calls; the per-step time is its mean), decode (MoVQ). Peak RSS per phase comes from the child's own 20 ms sampler;
+calls; the per-step time is its mean), decode (MoVQ); with ``--offload disk`` (ours, the default) also read-unet and
+read-movq, the reading of those components from the files just before their phase. Peak RSS per phase comes from the child's own 20 ms sampler;
 the overall peak is the kernel's high-water mark (VmHWM).
 
 Ours runs the way a 24 GB CPU box should: U-Net and MoVQ stored in bf16 and computing in fp32
-(``compute_dtype``; bf16 math is slow on CPUs without AVX-512-BF16/AMX), T5 streamed block by block in fp32.
+(``compute_dtype``; bf16 math is slow on CPUs without AVX-512-BF16/AMX), T5 streamed block by block in fp32, and
+(``offload="disk"``) the U-Net and MoVQ held only while they run.
 diffusers runs with ``torch_dtype=--diffusers-dtype`` (bf16: its smallest footprint; it has no streaming).
 """
 
@@ -72,17 +74,19 @@ class Phases:
 
         module.register_forward_pre_hook(pre)
 
-    def wrap(self, owner, method: str, name: str) -> None:
-        original = getattr(owner, method)
-
-        def wrapped(*args, **kwargs):
+    def wrapped(self, function, name: str):
+        """``function`` that enters phase ``name`` when called."""
+        def call(*args, **kwargs):
             self.enter(name)
-            return original(*args, **kwargs)
+            return function(*args, **kwargs)
 
-        setattr(owner, method, wrapped)
+        return call
+
+    def wrap(self, owner, method: str, name: str) -> None:
+        setattr(owner, method, self.wrapped(getattr(owner, method), name))
 
 
-def child(side: str, folder: Path, steps: int, size: int, diffusers_dtype: str, prefetch: bool) -> None:
+def child(side: str, folder: Path, steps: int, size: int, diffusers_dtype: str, prefetch: bool, offload: str) -> None:
     import torch
 
     phases = Phases()
@@ -92,8 +96,11 @@ def child(side: str, folder: Path, steps: int, size: int, diffusers_dtype: str, 
 
         pipe = get_T2I_pipeline("cpu", model=folder, dtype_map=torch.bfloat16,
                                 load_options={"compute_dtype": torch.float32, "stream_t5": True,
-                                              "t5_prefetch": prefetch})
+                                              "t5_prefetch": prefetch},
+                                offload="disk" if offload == "disk" else False)
         phases.hook(pipe.text_encoder.t5, "encode")
+        for name in pipe.reload:  # offload="disk": reading a component from the files is a phase of its own
+            pipe.reload[name] = phases.wrapped(pipe.reload[name], f"read-{name}")
         run = lambda: pipe(PROMPT, steps=steps, width=size, height=size, seed=0, progress=False)  # noqa: E731
     else:
         from diffusers import Kandinsky3Pipeline
@@ -117,6 +124,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, str(args.folder), "--child", side, "--steps", str(args.steps),
                "--size", str(args.size), "--diffusers-dtype", args.diffusers_dtype]
     command += ["--no-prefetch"] if args.no_prefetch else []
+    command += ["--offload", args.offload]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = {"phase": "start", "result": None, "max_rss": 0, "tail": []}
 
@@ -160,10 +168,13 @@ def main() -> None:
     parser.add_argument("--diffusers-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--sides", nargs="+", default=["ours", "diffusers"], choices=("ours", "diffusers"))
     parser.add_argument("--no-prefetch", action="store_true", help="ours: stream T5 without reading ahead")
+    parser.add_argument("--offload", default="disk", choices=("disk", "none"),
+                        help="ours: 'disk' reads the U-Net and MoVQ at their phases (the least memory), 'none' keeps "
+                             "every component loaded")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.folder, args.steps, args.size, args.diffusers_dtype, not args.no_prefetch)
+        child(args.child, args.folder, args.steps, args.size, args.diffusers_dtype, not args.no_prefetch, args.offload)
         return
     print(f"full-size Kandinsky 3, {args.size} px, {args.steps} steps (CFG batch 2), prompt {PROMPT!r}")
     print(f"{'side':10} {'phase':8} {'seconds':>9} {'peak GiB':>9}")

@@ -99,7 +99,18 @@ def _add_generation_flags(parser: argparse.ArgumentParser, guidance_default: str
                         help="device: components wait on the CPU and visit --device only while they run; disk: the "
                              "U-Net and MoVQ are read from the files when their phase starts and dropped after it "
                              "(the least memory: the full model runs in under 8 GB with --dtype bf16)")
+    parser.add_argument("--decode-tile", type=int, default=None, metavar="N",
+                        help="decode in overlapping N×N latent tiles (N = 64: 512 px tiles), bounding the decoder's "
+                             "memory for large images; results differ slightly from whole-image decoding")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _pipeline(factory, args: argparse.Namespace):
+    """The pipeline the flags describe (``factory`` is one of the get_*_pipeline functions)."""
+    pipe = factory(**_pipeline_kwargs(args))
+    if args.decode_tile is not None:
+        pipe.enable_tiled_decode(args.decode_tile, overlap=args.decode_tile // 4)
+    return pipe
 
 
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:
@@ -146,7 +157,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     factory = get_T2I_Flash_pipeline if args.flash else get_T2I_pipeline
-    pipe = factory(**_pipeline_kwargs(args))
+    pipe = _pipeline(factory, args)
     default_side = 64 if args.model == "tiny" else 1024
     options = _call_kwargs(args)
     if args.flash:
@@ -172,7 +183,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     image, mask = Image.open(args.image), Image.open(args.mask)
-    pipe = get_inpainting_pipeline(**_pipeline_kwargs(args))
+    pipe = _pipeline(get_inpainting_pipeline, args)
     images = pipe(args.prompt, image, mask, paste_back=not args.no_paste_back, **_call_kwargs(args))
     return _save_images(images, args.output, start)
 
@@ -192,7 +203,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     from kandinsky3.pipelines import get_img2img_pipeline
 
     start = time.perf_counter()
-    pipe = get_img2img_pipeline(**_pipeline_kwargs(args))
+    pipe = _pipeline(get_img2img_pipeline, args)
     images = pipe(args.prompt, Image.open(args.image), strength=args.strength, **_call_kwargs(args))
     return _save_images(images, args.output, start)
 

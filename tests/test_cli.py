@@ -55,7 +55,8 @@ def test_inpaint_and_img2img_run_from_the_command_line(model, tmp_path):
                       str(tmp_path / "x.png"), "--no-progress")
     assert refused.returncode == 2 and "variant 'inpainting'" in refused.stderr and "Traceback" not in refused.stderr
     result = run_cli("img2img", "a blue square", "--model", model, "--image", str(image), "-o",
-                     str(tmp_path / "i2i.png"), "--steps", "4", "--strength", "0.5", "--no-progress")
+                     str(tmp_path / "i2i.png"), "--steps", "4", "--strength", "0.5", "--no-progress",
+                     "--decode-tile", "4")
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "i2i.png").size == (16, 16)
 

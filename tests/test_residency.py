@@ -45,6 +45,23 @@ def test_release_drops_every_tensor_and_adopt_restores_the_same_function():
     assert torch.equal(net(x), expected)
 
 
+def test_released_weights_are_freed_at_once_without_waiting_for_the_garbage_collector():
+    """The loaded module has reference cycles (parametrizations); it must not keep the weights alive."""
+    import gc
+    import weakref
+
+    pipe = get_T2I_pipeline("cpu", model="tiny", offload="disk", dtype_map=torch.bfloat16,
+                            load_options={"compute_dtype": torch.float32})
+    gc.disable()
+    try:
+        with pipe.phase("unet") as unet:
+            weight = weakref.ref(next(unet.parameters()))
+            assert weight() is not None and weight().device.type == "cpu"
+        assert weight() is None
+    finally:
+        gc.enable()
+
+
 def test_adopt_refuses_other_shapes_and_dtypes():
     net = _net(0)
     release(net)

@@ -37,8 +37,10 @@ def decode_tiled(movq: MoVQ, latents: torch.Tensor, *, tile: int = 64, overlap: 
     size the MoVQ was trained on differ more (tile 8: mean 0.065, seams 1.9×).
 
     Memory: one decoded tile (for the whole batch) plus an fp32 accumulator of the output size (fp64 for fp64
-    latents) on the latents' device. Runs under the caller's grad mode (use ``torch.no_grad()`` for inference, as for ``decode``).
-    Returns the dtype ``movq.decode`` returns.
+    latents) on the latents' device. Measured on CPU for a 128×128 latent (1024² px) and the released
+    architecture at a quarter of its width (ch = 64): peak RSS +2.0 GiB untiled, +0.56 GiB with tile 64,
+    overlap 16 (9 tiles, 1.6× the time). Runs under the caller's grad mode (use ``torch.no_grad()`` for
+    inference, as for ``decode``). Returns the dtype ``movq.decode`` returns.
     """
     _check_arguments(movq, latents, tile, overlap)
     height, width = latents.shape[-2:]
@@ -68,7 +70,8 @@ def decode_tiled(movq: MoVQ, latents: torch.Tensor, *, tile: int = 64, overlap: 
     return total.to(dtype)
 
 
-def _check_arguments(movq: MoVQ, latents: torch.Tensor, tile: int, overlap: int) -> None:
+def check_tiling(tile: int, overlap: int) -> None:
+    """Raise a ValueError unless ``tile`` >= 2 and 0 <= ``overlap`` < ``tile`` are ints (latent pixels)."""
     for name, value in (("tile", tile), ("overlap", overlap)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"decode_tiled: {name} must be an int (latent pixels), got {value!r}")
@@ -76,6 +79,10 @@ def _check_arguments(movq: MoVQ, latents: torch.Tensor, tile: int, overlap: int)
         raise ValueError(f"decode_tiled: tile must be >= 2 latent pixels, got {tile}")
     if not 0 <= overlap < tile:
         raise ValueError(f"decode_tiled: overlap must satisfy 0 <= overlap < tile={tile}, got {overlap}")
+
+
+def _check_arguments(movq: MoVQ, latents: torch.Tensor, tile: int, overlap: int) -> None:
+    check_tiling(tile, overlap)
     z = movq.config.z_channels
     if latents.ndim != 4 or latents.shape[1] != z:
         raise ValueError(f"decode_tiled expects (B,{z},h,w) latents, got shape {tuple(latents.shape)}")

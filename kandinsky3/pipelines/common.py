@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion import guidance, samplers, schedule
 from ..models.text_encoder import TextEncoder
+from ..models.movq_tiling import check_tiling, decode_tiled
 from ..models.storage import compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -206,13 +207,32 @@ def check_scheduler_config(scheduler_config: dict[str, Any] | None) -> None:
             )
 
 
-def decode_latents(movq: torch.nn.Module, latents: torch.Tensor, slice_size: int | None = 1) -> torch.Tensor:
+class TiledDecoding:
+    """Mixin of the pipelines: opt-in tiled MoVQ decoding for large images (diffusers' ``enable_vae_tiling``)."""
+
+    decode_tiling: tuple[int, int] | None = None  # (tile, overlap) in latent pixels, or None: whole latents
+
+    def enable_tiled_decode(self, tile: int = 64, overlap: int = 16) -> None:
+        """Decode latents in overlapping ``tile``² tiles blended across ``overlap`` (latent pixels; 64 = 512 px):
+        the decoder's memory stops growing with the image (1024 px and up), for results that differ slightly from
+        the whole-latent decode (per-tile normalisation; see :func:`kandinsky3.models.movq_tiling.decode_tiled`)."""
+        check_tiling(tile, overlap)
+        self.decode_tiling = (tile, overlap)
+
+    def disable_tiled_decode(self) -> None:
+        self.decode_tiling = None
+
+
+def decode_latents(
+    movq: torch.nn.Module, latents: torch.Tensor, slice_size: int | None = 1, tiling: tuple[int, int] | None = None
+) -> torch.Tensor:
     """(B, 4, h, w) latents → (B, 3, 8h, 8w) fp32 images in about [−1, 1] on the CPU.
 
     Decodes ``slice_size`` latents at a time (None = the whole batch) so the 16384-token MoVQ
-    attentions of large images never hold a whole batch at once. On the CPU the decoder runs
-    channels-last (oneDNN's native layout: no reordered copies of the full-size activations;
-    a third less peak memory at 512 px).
+    attentions of large images never hold a whole batch at once; with ``tiling`` = (tile, overlap)
+    each latent is decoded in overlapping tiles (:func:`~kandinsky3.models.movq_tiling.decode_tiled`).
+    On the CPU the decoder runs channels-last (oneDNN's native layout: no reordered copies of the
+    full-size activations; a third less peak memory at 512 px).
     """
     device, dtype = module_device(movq), compute_dtype(movq)
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
@@ -221,7 +241,10 @@ def decode_latents(movq: torch.nn.Module, latents: torch.Tensor, slice_size: int
     with torch.inference_mode():
         for chunk in latents.split(size):
             chunk = chunk.to(device, dtype).contiguous(memory_format=layout)
-            images.append(movq.decode(chunk).float().cpu().contiguous())
+            if tiling is None:
+                images.append(movq.decode(chunk).float().cpu().contiguous())
+            else:
+                images.append(decode_tiled(movq, chunk, tile=tiling[0], overlap=tiling[1]).float().cpu().contiguous())
     return torch.cat(images)
 
 

@@ -93,7 +93,7 @@ class Kandinsky3Img2ImgPipeline(Kandinsky3Pipeline):
         if output_type == "latent":
             return latents
         with self.phase("movq"):
-            images = common.decode_latents(self.movq, latents)
+            images = common.decode_latents(self.movq, latents, tiling=self.decode_tiling)
         return common.to_output(images, output_type)
 
     def _image_latents(self, image, num_prompts: int, width: int | None, height: int | None) -> torch.Tensor:

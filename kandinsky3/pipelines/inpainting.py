@@ -71,7 +71,7 @@ def prepare_mask(mask: Any, size: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-class Kandinsky3InpaintingPipeline(Residency):
+class Kandinsky3InpaintingPipeline(Residency, common.TiledDecoding):
     """Inpainting: repaint the masked region of an image following a prompt.
 
     Components as in :class:`~kandinsky3.pipelines.text_to_image.Kandinsky3Pipeline`; the U-Net
@@ -171,7 +171,7 @@ class Kandinsky3InpaintingPipeline(Residency):
         if output_type == "latent":
             return latents
         with self.phase("movq"):
-            generated = common.decode_latents(self.movq, latents)  # (B, 3, H', W') in [-1, 1]
+            generated = common.decode_latents(self.movq, latents, tiling=self.decode_tiling)  # (B, 3, H', W') in [-1, 1]
         return common.to_output(self._finish(generated, image, user_mask, paste_back), output_type)
 
     def _resize_mask(self, mask: np.ndarray, width: int, height: int) -> torch.Tensor:

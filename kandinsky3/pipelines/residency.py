@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..weights.t5_stream import is_streamed
+from .common import return_free_memory
 
 __all__ = ["COMPONENTS", "Residency", "check_offload", "check_reload", "placed", "adopt", "release", "is_released"]
 
@@ -70,7 +71,8 @@ def release(module: nn.Module) -> None:
 def adopt(module: nn.Module, loaded: nn.Module) -> nn.Module:
     """Move the tensors of ``loaded`` (the same architecture, freshly read) into ``module``; returns ``module``.
 
-    Every parameter and buffer moves, non-persistent buffers and parametrized originals included. Raises a
+    Every parameter and buffer moves, non-persistent buffers and parametrized originals included; ``loaded`` is left
+    without tensors. Raises a
     ValueError naming the first difference when the two do not have the same tensors (names, shapes, dtypes): a
     checkpoint changed on disk since the pipeline was built would otherwise be swapped in silently.
     """
@@ -88,6 +90,9 @@ def adopt(module: nn.Module, loaded: nn.Module) -> nn.Module:
     for (_, target), (_, source) in pairs:
         target._parameters.update(source._parameters)
         target._buffers.update(source._buffers)
+    for source in loaded.modules():  # ``module`` owns the tensors now: a reference cycle in ``loaded`` (e.g. its
+        source._parameters.clear()   # parametrizations) must not keep them alive after ``release(module)``
+        source._buffers.clear()
     return module
 
 
@@ -109,6 +114,7 @@ def placed(
             yield module
         finally:
             release(module)
+            return_free_memory()  # glibc keeps the freed heap blocks otherwise: they would add to the next phase
         return
     if offload is None:
         yield module

@@ -18,7 +18,7 @@ from .residency import Loader, Residency
 __all__ = ["Kandinsky3Pipeline"]
 
 
-class Kandinsky3Pipeline(Residency):
+class Kandinsky3Pipeline(Residency, common.TiledDecoding):
     """Text-to-image with the Kandinsky 3 base model, or 4-step Kandinsky Flash (``flash=True``).
 
     Args:
@@ -145,7 +145,7 @@ class Kandinsky3Pipeline(Residency):
         if output_type == "latent":
             return result
         with self.phase("movq"):
-            images = common.decode_latents(self.movq, result, decode_slice_size)
+            images = common.decode_latents(self.movq, result, decode_slice_size, self.decode_tiling)
         return common.to_output(images, output_type)
 
     # ----------------------------------------------------------------------------------- checks
