@@ -176,11 +176,11 @@ def test_pipelines_decode_in_tiles_only_when_asked():
     mask = np.zeros((96, 128), np.float32)
     mask[16:80, 24:104] = 1
     cases = ((get_T2I_pipeline, ("a red circle",), dict(width=128, height=96)),
-             (get_img2img_pipeline, ("a red circle", image), {}),
+             (get_img2img_pipeline, ("a red circle", image), dict(strength=0.5)),
              (get_inpainting_pipeline, ("a red circle", image, mask), {}))
     for factory, args, size in cases:
         pipe = factory("cpu", model="tiny")
-        run = lambda: pipe(*args, steps=3, seed=0, output_type="np", progress=False, **size)  # noqa: E731
+        run = lambda: pipe(*args, steps=4, seed=0, output_type="np", progress=False, **size)  # noqa: E731
         whole = run()
         pipe.enable_tiled_decode(tile=16, overlap=4)  # 24×32 latents: 2×2 tiles
         tiled = run()
