@@ -232,3 +232,26 @@ def test_offloaded_pipeline_gives_the_same_images():
     offload = {"unet": "cpu", "text_encoder": "cpu", "movq": "cpu"}
     offloaded = Kandinsky3Pipeline(*components, offload=offload)("a red circle", seed=0, output_type="np", **FAST)
     assert np.array_equal(plain, offloaded)
+
+
+def test_norm_projections_run_once_per_mini_batch_and_change_nothing(t2i, monkeypatch):
+    """The pipeline precomputes the conditional norms' inputs for all steps (UNet.modulation_table): each
+    projection runs once per mini-batch, not once per step, and the images equal the per-step path's."""
+    from kandinsky3.pipelines import common
+
+    norms = [m for m in t2i.unet.modules() if hasattr(m, "context_mlp")]
+    calls = []
+    hooks = [norm.context_mlp[1].register_forward_hook(lambda *_: calls.append(1)) for norm in norms]
+    try:
+        kwargs = dict(prompt=["a", "b b b"], seed=0, output_type="np", bs=1, width=16, height=16, steps=4,
+                      progress=False)
+        tabled = t2i(**kwargs)
+        assert len(calls) == 2 * len(norms)  # two mini-batches, four steps each
+        monkeypatch.setattr(common, "MODULATION_TABLE_LIMIT", 0)
+        calls.clear()
+        per_step = t2i(**kwargs)
+        assert len(calls) == 2 * 4 * len(norms)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert np.abs(tabled - per_step).max() <= 1e-5

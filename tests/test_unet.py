@@ -208,3 +208,42 @@ def test_forward_rejects_bad_inputs_early():
         ours(torch.randn(1, 4, 8, 8), 5, ctx, mask[:, :2])
     with pytest.raises(ValueError, match="time must be"):
         ours(torch.randn(2, 4, 8, 8), torch.tensor([1, 2, 3]), ctx.expand(2, -1, -1), mask.expand(2, -1))
+
+
+@pytest.mark.parametrize("name", ["four_levels", "three_levels"])
+def test_precomputed_modulation_matches_diffusers_at_every_timestep(name):
+    """A table built once for a timestep list gives diffusers' ε at each of them (the per-call path's tolerance)."""
+    reference, ours, projection = make_pair(name)
+    cfg = DIFFUSERS_CONFIGS[name]
+    x, _, raw, mask = random_inputs(3, 4, 4 * ours.config.downsample_factor, cfg["encoder_hid_dim"])
+    timesteps = [999, 600, 250, 3]
+    with torch.no_grad():
+        context = projection(raw)
+        table = ours.modulation_table(timesteps, context, mask)
+        for t in timesteps:
+            time = torch.full((3,), t)
+            expected = reference(x, time, encoder_hidden_states=raw, encoder_attention_mask=mask.float()).sample
+            assert (ours(x, time, context, mask, modulation=table) - expected).abs().max() <= 1e-5
+    assert ours.modulation_width == sum(n.context_mlp[1].out_features for n in ours.modules()
+                                        if hasattr(n, "context_mlp"))
+    assert [output.shape for output in table.outputs[:1]] == [(4, 3, table.outputs[0].shape[-1])]
+
+
+def test_precomputed_modulation_is_exact_in_fp64_and_refuses_other_timesteps_and_batches():
+    _, ours, projection = make_pair("three_levels")
+    ours, projection = ours.double(), projection.double()
+    x, _, raw, mask = random_inputs(2, 4, 16, DIFFUSERS_CONFIGS["three_levels"]["encoder_hid_dim"])
+    x, raw = x.double(), raw.double()
+    with torch.no_grad():
+        context = projection(raw)
+        table = ours.modulation_table([800, 40], context, mask)
+        time = torch.tensor([40, 40])
+        assert (ours(x, time, context, mask, modulation=table) - ours(x, time, context, mask)).abs().max() < 1e-12
+        with pytest.raises(ValueError, match=r"covers timesteps \(800, 40\); got \[41, 41\]"):
+            ours(x, torch.tensor([41, 41]), context, mask, modulation=table)
+        with pytest.raises(ValueError, match="covers timesteps"):
+            ours(x, torch.tensor([800, 40]), context, mask, modulation=table)
+        with pytest.raises(ValueError, match="built for batch 2"):
+            ours(x[:1], time[:1], context[:1], mask[:1], modulation=table)
+        with pytest.raises(ValueError, match="distinct"):
+            ours.modulation_table([800, 800], context, mask)

@@ -16,6 +16,8 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from torch import nn
 
 from .unet_config import LevelPlan, ResNetPlan, UNetConfig, plan_levels
 
-__all__ = ["UNet", "UNetConfig", "masked_attention"]
+__all__ = ["UNet", "UNetConfig", "ModulationTable", "masked_attention"]
 
 
 def masked_attention(
@@ -75,23 +77,52 @@ class Attention(nn.Module):
         return self.output_layer(out)
 
 
+@dataclass
+class ModulationTable:
+    """Every conditional norm's ``Linear(SiLU(τ))`` for a list of timesteps and one text context.
+
+    ``outputs[k]`` is (S, B, 2·C_k) for the k-th :class:`ConditionalGroupNorm` (module order), row i for
+    timestep ``timesteps[i]``; ``rows`` maps a timestep to its row. Built by :meth:`UNet.modulation_table`.
+    """
+
+    timesteps: tuple[int, ...]
+    rows: dict[int, int]
+    outputs: list[torch.Tensor]
+    batch: int
+
+
+class NormInput(NamedTuple):
+    """What the conditional norms of one forward call read: the time embedding τ (B, T), or row ``step`` of a
+    precomputed :class:`ModulationTable` (then ``time_embed`` is None)."""
+
+    time_embed: torch.Tensor | None
+    table: ModulationTable | None = None
+    step: int = 0
+
+
 class ConditionalGroupNorm(nn.Module):
     """GN(x)·(1 + s) + b with [s; b] = Linear(SiLU(τ)) (SPEC §2.4).
 
     The affine-free GroupNorm has eps 1e-5.  The projection (key ``context_mlp.1``) is
-    zero-initialised, so every norm starts as a plain GroupNorm.
+    zero-initialised, so every norm starts as a plain GroupNorm.  ``index`` is the norm's
+    position in its U-Net (its entry in a :class:`ModulationTable`).
     """
 
     def __init__(self, groups: int, channels: int, time_embed_dim: int):
         super().__init__()
         self.groups = groups
+        self.index = 0
         self.context_mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, 2 * channels))
         nn.init.zeros_(self.context_mlp[1].weight)
         nn.init.zeros_(self.context_mlp[1].bias)
 
-    def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W), time_embed (B, T) → (B, C, H, W)."""
-        scale, shift = self.context_mlp(time_embed)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1)
+    def forward(self, x: torch.Tensor, time_embed: NormInput) -> torch.Tensor:
+        """x (B, C, H, W), time_embed: τ (B, T) or a table row → (B, C, H, W)."""
+        if time_embed.table is None:
+            projected = self.context_mlp(time_embed.time_embed)  # (B, 2C)
+        else:
+            projected = time_embed.table.outputs[self.index][time_embed.step]
+        scale, shift = projected[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1)
         return torch.addcmul(shift, F.group_norm(x, self.groups, eps=1e-5), scale + 1.0)
 
 
@@ -271,6 +302,9 @@ class UNet(nn.Module):
             nn.SiLU(),
             nn.Conv2d(config.init_channels, config.out_channels, 3, padding=1),
         )
+        self._norms = [module for module in self.modules() if isinstance(module, ConditionalGroupNorm)]
+        for index, norm in enumerate(self._norms):
+            norm.index = index
 
     def forward(
         self,
@@ -278,6 +312,7 @@ class UNet(nn.Module):
         time: torch.Tensor | float | int,
         context: torch.Tensor,
         context_mask: torch.Tensor,
+        modulation: ModulationTable | None = None,
     ) -> torch.Tensor:
         """Predict ε.
 
@@ -286,6 +321,8 @@ class UNet(nn.Module):
             time: diffusion step(s) in [0, 999]: a number, a 0-d tensor or a (B,) / (1,) tensor.
             context: (B, L, context_dim) text context, already projected (Linear + LayerNorm).
             context_mask: (B, L) bool or 0/1, 1 = real token.
+            modulation: the conditional norms' inputs precomputed by :meth:`modulation_table` for this
+                context and mask (the caller vouches for that); ``time`` must be one of its timesteps.
 
         Returns:
             (B, out_channels, H, W) ε in the model's dtype.
@@ -294,8 +331,10 @@ class UNet(nn.Module):
         dtype = self.in_layer.weight.dtype
         x, context = x.to(dtype), context.to(dtype)
 
-        time_embed = self.to_time_embed(timestep_sinusoid(time, self.config.init_channels).to(dtype))
-        time_embed = time_embed + self.feature_pooling(context, context_mask)  # (B, T)
+        if modulation is None:
+            time_embed = NormInput(self._time_embed(time, context, context_mask))
+        else:
+            time_embed = NormInput(None, modulation, self._table_row(modulation, time))
 
         x = self.in_layer(x)
         skips = []
@@ -308,6 +347,55 @@ class UNet(nn.Module):
                 x = torch.cat([x, skips.pop()], dim=1)
             x = level(x, time_embed, context, context_mask)
         return self.out_layer(x)
+
+    def _time_embed(self, time: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """τ = MLP(sinusoid(t)) + AttentionPooling(context): (B,) times, (B, L, D) context → (B, T)."""
+        dtype = self.in_layer.weight.dtype
+        time_embed = self.to_time_embed(timestep_sinusoid(time, self.config.init_channels).to(dtype))
+        return time_embed + self.feature_pooling(context.to(dtype), context_mask)
+
+    @property
+    def modulation_width(self) -> int:
+        """Σ 2·C over the conditional norms: the values per image and timestep of a :class:`ModulationTable`."""
+        return sum(norm.context_mlp[1].out_features for norm in self._norms)
+
+    def modulation_table(
+        self, timesteps: Sequence[int], context: torch.Tensor, context_mask: torch.Tensor
+    ) -> ModulationTable:
+        """Every conditional norm's scale and shift for each of ``timesteps`` and this (B, L, D) context, at once.
+
+        A sampler calls the U-Net with the same context at a known list of timesteps. The norms' projections
+        (0.81B of the 3.04B released parameters, ~27 %) are matrix-vector products at every call, bound by
+        reading their weights; done here for all S timesteps in one pass, each weight is read once per
+        sampling run instead of once per step. Passing the table as ``modulation=`` to ``forward`` gives the
+        per-call result up to matmul rounding. Memory: S·B·``modulation_width`` values (about 210 MB in fp32
+        for the released model, 50 steps, B = 2).
+        """
+        timesteps = tuple(int(t) for t in timesteps)
+        if not timesteps or len(set(timesteps)) != len(timesteps):
+            raise ValueError(f"timesteps must be a non-empty list of distinct ints, got {timesteps}")
+        batch = context.shape[0]
+        if context.ndim != 3 or context.shape[2] != self.config.context_dim or context_mask.shape != context.shape[:2]:
+            raise ValueError(f"context must be (B, L, {self.config.context_dim}) with a (B, L) mask, got "
+                             f"{tuple(context.shape)} and {tuple(context_mask.shape)}")
+        dtype = self.in_layer.weight.dtype
+        time = torch.tensor(timesteps, device=context.device)  # (S,)
+        with torch.no_grad():
+            pooled = self.feature_pooling(context.to(dtype), context_mask.to(context.device) != 0)  # (B, T)
+            time_part = self.to_time_embed(timestep_sinusoid(time, self.config.init_channels).to(dtype))  # (S, T)
+            activated = F.silu(time_part[:, None, :] + pooled[None, :, :]).flatten(0, 1)  # (S·B, T)
+            outputs = [norm.context_mlp[1](activated).unflatten(0, (len(timesteps), batch)) for norm in self._norms]
+        return ModulationTable(timesteps, {t: i for i, t in enumerate(timesteps)}, outputs, batch)
+
+    @staticmethod
+    def _table_row(table: ModulationTable, time: torch.Tensor) -> int:
+        """The table row of this call: every batch entry must be at the same timestep, one of the table's."""
+        if time.shape[0] != table.batch:
+            raise ValueError(f"the modulation table was built for batch {table.batch}, got {time.shape[0]}")
+        first = int(time[0])
+        if first not in table.rows or not bool((time == first).all()):
+            raise ValueError(f"the modulation table covers timesteps {table.timesteps}; got {time.tolist()}")
+        return table.rows[first]
 
     def _check_inputs(self, x, time, context, context_mask):
         """Validate shapes early, with messages that say what to pass instead."""

@@ -122,13 +122,39 @@ def encode_text(
     return TextConditions((context, mask), uncond)
 
 
-def unet_call(unet: torch.nn.Module) -> guidance.NetCall:
+MODULATION_TABLE_LIMIT = 2**30  # bytes; larger batches × step counts compute the norms' inputs at every call
+
+
+def unet_call(unet: torch.nn.Module, timesteps: Sequence[int] | None = None) -> guidance.NetCall:
     """Wrap a U-Net as ``net_call(x, t, context, mask) -> ε``: inputs go to the U-Net's device
-    and dtype, ε comes back in the latents' dtype and device."""
+    and dtype, ε comes back in the latents' dtype and device.
+
+    With the sampler's ``timesteps``, the first call with a new context tensor precomputes the
+    conditional norms' inputs for all of them (:meth:`UNet.modulation_table`: the 0.8B projection
+    weights of the released U-Net are then read once per sampling run, not once per step), as long
+    as the table stays under ``MODULATION_TABLE_LIMIT``; calls at other timesteps compute them as usual.
+    """
     device, dtype = module_device(unet), compute_dtype(unet)
+    state: dict[str, Any] = {"context": None, "table": None}  # the table of the context object last seen
+
+    def modulation(t, context, mask):
+        if timesteps is None or not hasattr(unet, "modulation_table"):
+            return None
+        if state["context"] is not context:  # a new mini-batch: its [cond; uncond] context is a new tensor
+            size = len(timesteps) * context.shape[0] * unet.modulation_width * torch.finfo(dtype).bits // 8
+            table = None
+            if size <= MODULATION_TABLE_LIMIT:
+                table = unet.modulation_table(timesteps, context.to(device, dtype), mask.to(device))
+            state.update(context=context, table=table)
+        table = state["table"]
+        if table is None or int(t[0]) not in table.rows or not bool((t == t[0]).all()):
+            return None
+        return table
 
     def call(x, t, context, mask):
-        eps = unet(x.to(device, dtype), t.to(device), context.to(device, dtype), mask.to(device))
+        table = modulation(t, context, mask)
+        extra = {} if table is None else {"modulation": table}
+        eps = unet(x.to(device, dtype), t.to(device), context.to(device, dtype), mask.to(device), **extra)
         return eps.to(x.device, x.dtype)
 
     return call
@@ -408,7 +434,7 @@ def denoise(
     latent_dtype = torch.promote_types(torch.float32, compute_dtype(unet))  # fp32, or fp64
     conditions = move_conditions(conditions, device)
     conditions = pool_as_alone(conditions, context_lengths(conditions))
-    net_call = unet_call(unet)
+    net_call = unet_call(unet, timesteps)
     results = []
     for part in batch_slices(conditions.cond[0].shape[0], batch_size):
         indices = list(range(part.start, part.stop))
