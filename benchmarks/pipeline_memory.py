@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -125,7 +126,8 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
                "--size", str(args.size), "--diffusers-dtype", args.diffusers_dtype]
     command += ["--no-prefetch"] if args.no_prefetch else []
     command += ["--offload", args.offload]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, **({} if args.no_thp else {"THP_MEM_ALLOC_ENABLE": "1"})}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     state = {"phase": "start", "result": None, "max_rss": 0, "tail": []}
 
     def read() -> None:
@@ -171,6 +173,9 @@ def main() -> None:
     parser.add_argument("--offload", default="disk", choices=("disk", "none"),
                         help="ours: 'disk' reads the U-Net and MoVQ at their phases (the least memory), 'none' keeps "
                              "every component loaded")
+    parser.add_argument("--no-thp", action="store_true",
+                        help="both sides: do not put large CPU tensors on 2 MB pages (THP_MEM_ALLOC_ENABLE=1, as the "
+                             "kandinsky3 CLI does)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

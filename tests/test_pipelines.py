@@ -76,7 +76,7 @@ def test_callback_sees_every_step(t2i):
     assert seen == [999, 665, 331]  # original sampler: stride ceil(1000/3) = 334 from 999 (SPEC §5.5)
 
 
-@pytest.mark.parametrize("sampler, stochastic", [("original", True), ("ddpm", True), ("ddim", False),
+@pytest.mark.parametrize("sampler, stochastic", [("original", True), ("original30", True), ("ddpm", True), ("ddim", False),
                                                   ("dpmpp_2m", False), ("dpmpp_2m_sde", True)])
 def test_every_sampler_runs_and_draws_noise_only_if_stochastic(t2i, sampler, stochastic):
     """With the start latents fixed, the seed reaches the result only through a stochastic sampler's noise."""

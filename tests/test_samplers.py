@@ -25,15 +25,17 @@ from kandinsky3.diffusion import (
     leading_timesteps,
     make_cfg_denoiser,
     make_denoiser,
+    original30_timesteps,
     original_timesteps,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
     sample_flash,
     sample_original,
+    sample_original30,
     trailing_timesteps,
 )
-from kandinsky3.diffusion.samplers import sample_dpmpp_2m_sde  # not re-exported by the package yet
+from kandinsky3.diffusion.samplers import sample_dpmpp_2m_sde
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notice inside diffusers' DPM
@@ -312,7 +314,8 @@ def _run(name, x, generator, **kwargs):
 
 @pytest.mark.parametrize(
     "name, kwargs",
-    [("original", {}), ("ddpm", {}), ("ddim", {"eta": 1.0}), ("dpmpp_2m_sde", {}), ("flash", {})],
+    [("original", {}), ("original30", {}), ("ddpm", {}), ("ddim", {"eta": 1.0}), ("dpmpp_2m_sde", {}),
+     ("flash", {})],
 )
 def test_sampler_is_deterministic_given_generator_and_leaves_global_rng_alone(name, kwargs):
     x = start_noise()
@@ -488,3 +491,42 @@ def test_dynamic_threshold_supports_half_precision_and_rejects_bad_percentile():
 def test_hard_clip():
     assert torch.equal(hard_clip(torch.tensor([-3.0, 0.2, 2.0])), torch.tensor([-1.0, 0.2, 1.0]))
     assert math.isclose(hard_clip(torch.tensor([5.0]), 2.0).item(), 2.0)
+
+
+# ------------------------------------------------------------------------------------------- the 3.0 sampler
+
+
+def test_original30_grid_has_the_spec_noise_levels_and_label_lag():
+    """SPEC §5.6: on the 50-point grid, index i has the 1000-step ᾱ of 20·i + 19, not of its label 20·i."""
+    grid, full = cosine_alphas_cumprod(50), cosine_alphas_cumprod()
+    assert original30_timesteps(50)[:3] == [980, 960, 940] and original30_timesteps(50)[-1] == 0
+    assert grid[0].item() == pytest.approx(0.998252, abs=1e-6) and grid[24].item() == pytest.approx(0.493844, abs=1e-6)
+    assert grid[0].item() == pytest.approx(full[19].item(), rel=1e-5)
+    assert grid[24].item() == pytest.approx(full[499].item(), rel=1e-5)
+    assert grid[-1].item() == pytest.approx(9.7e-7, rel=0.01)
+
+
+@pytest.mark.parametrize("steps", [5, 50])
+def test_original30_is_ddpm_on_an_s_step_cosine_schedule_told_scaled_labels(steps):
+    """Oracle: diffusers' DDPMScheduler trained for S steps (same cosine betas), posterior variance, hard clip,
+    stepping through every grid index, with the U-Net told 1000 // S times the index."""
+    reference = diffusers.DDPMScheduler(num_train_timesteps=steps, beta_schedule="squaredcos_cap_v2",
+                                        clip_sample=True, variance_type="fixed_small")
+    reference.set_timesteps(steps)
+    scale, x = 1000 // steps, start_noise()
+    generator = torch.Generator().manual_seed(7)
+    for t in reference.timesteps:
+        eps = toy_denoiser(x, (t * scale).repeat(x.shape[0]))
+        x = reference.step(eps, t, x, generator=generator).prev_sample
+    got = sample_original30(toy_denoiser, start_noise(), original30_timesteps(steps), cosine_alphas_cumprod(),
+                            generator=torch.Generator().manual_seed(7))
+    # fp32 rounding of the coefficient routes (the original's β_i vs diffusers' 1 − ᾱ_t/ᾱ_{t−1}) adds up over 50
+    # noisy steps: measured 3.2e-5, and the same sampler in fp64 is 1.7e-5 from diffusers' fp32 result.
+    assert max_abs(got, x) <= (TOL if steps <= 10 else 1e-4)
+    assert max_abs(got, sample_original30(toy_denoiser, start_noise(), original30_timesteps(steps), None,
+                                          generator=torch.Generator().manual_seed(8))) > 0.01  # noise is drawn
+
+
+def test_original30_refuses_other_timestep_lists():
+    with pytest.raises(ValueError, match="original30_timesteps"):
+        sample_original30(toy_denoiser, start_noise(), original_timesteps(50), cosine_alphas_cumprod())

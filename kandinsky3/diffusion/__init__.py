@@ -20,6 +20,7 @@ from .samplers import (
     sample_dpmpp_2m_sde,
     sample_flash,
     sample_original,
+    sample_original30,
 )
 from .schedule import (
     FLASH_TIMESTEPS,
@@ -31,6 +32,7 @@ from .schedule import (
     img2img_timesteps,
     leading_timesteps,
     linspace_timesteps,
+    original30_timesteps,
     original_timesteps,
     predict_eps,
     predict_x0,
@@ -60,6 +62,7 @@ __all__ = [
     "linspace_timesteps",
     "make_cfg_denoiser",
     "make_denoiser",
+    "original30_timesteps",
     "original_timesteps",
     "predict_eps",
     "predict_x0",
@@ -71,5 +74,6 @@ __all__ = [
     "sample_dpmpp_2m_sde",
     "sample_flash",
     "sample_original",
+    "sample_original30",
     "trailing_timesteps",
 ]

@@ -36,7 +36,15 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from .guidance import Denoiser, hard_clip
-from .schedule import FLASH_TIMESTEPS, check_timesteps, dpm_solver_timesteps, leading_timesteps, original_timesteps
+from .schedule import (
+    FLASH_TIMESTEPS,
+    check_timesteps,
+    cosine_betas,
+    dpm_solver_timesteps,
+    leading_timesteps,
+    original30_timesteps,
+    original_timesteps,
+)
 
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 X0Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -143,6 +151,52 @@ def sample_original(
         # 5. Ancestral noise, except on the step that lands on t_prev = 0 (the returned latent is the mean).
         if eta > 0 and t_prev_all[i] != 0:
             x = x + sigma * _randn_like(x, generator)
+    return x
+
+
+def sample_original30(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor | None = None,
+    *,
+    x0_transform: X0Transform | None = hard_clip,
+    generator: GeneratorLike = None,
+    callback: Callback | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Kandinsky 3.0 sampler (SPEC §5.6): ancestral DDPM on a cosine schedule rebuilt with T = S steps.
+
+    ``timesteps`` are the labels the U-Net is told, ``original30_timesteps(S)`` = (S−1)·k, …, k, 0 with
+    k = 1000 // S; label i·k is grid index i. The noise levels come from ``cosine_betas(S)``, not from the
+    1000-step table (``alphas_cumprod`` is accepted for the common signature and ignored), so label 20·i runs
+    at the 1000-step noise level of 20·i + 19 — the original's 19-step lag, kept. Each step: x̂₀ =
+    (x_t − √(1−ᾱ_i) ε̂)/√ᾱ_i on the grid, ``x0_transform``, then the DDPM posterior
+    mean = β_i√ᾱ_{i−1}/(1−ᾱ_i)·x̂₀ + (1−ᾱ_{i−1})√α_i/(1−ᾱ_i)·x_t plus std·z with the posterior
+    variance β_i(1−ᾱ_{i−1})/(1−ᾱ_i); no noise at index 0, which returns the mean.
+    """
+    del alphas_cumprod  # the grid is rebuilt from the number of steps
+    steps = len(timesteps)
+    labels = [int(t) for t in timesteps]
+    if steps == 0 or labels != original30_timesteps(steps):
+        raise ValueError(f"the 3.0 sampler takes original30_timesteps({steps}) = (S−1)·k … k, 0 with k = 1000 // S, "
+                         f"got {labels[:4]}…")
+    work = torch.promote_types(x.dtype, torch.float32)
+    beta = cosine_betas(steps).to(device=x.device, dtype=work)  # (S,) on the S-point grid
+    alpha = 1 - beta
+    a = torch.cumprod(alpha, dim=0)  # ᾱ_i
+    a_prev = torch.cat([a.new_ones(1), a[:-1]])  # ᾱ_{i−1}, 1 before index 0
+    for step in _steps(steps, progress):
+        i = steps - 1 - step  # grid index, S−1 → 0
+        eps = denoiser(x, _t_batch(labels[step], x))
+        x0 = (x - (1 - a[i]).sqrt() * eps) / a[i].sqrt()
+        x0 = x0_transform(x0) if x0_transform is not None else x0
+        if callback is not None:
+            callback({"step": step, "t": labels[step], "x": x, "x0": x0})
+        x = (beta[i] * a_prev[i].sqrt() * x0 + (1 - a_prev[i]) * alpha[i].sqrt() * x) / (1 - a[i])
+        if i > 0:
+            std = (beta[i] * (1 - a_prev[i]) / (1 - a[i])).sqrt()
+            x = x + std * _randn_like(x, generator)
     return x
 
 
@@ -377,6 +431,7 @@ def sample_flash(
 SAMPLERS: Mapping[str, Callable[..., torch.Tensor]] = MappingProxyType(
     {
         "original": sample_original,
+        "original30": sample_original30,
         "ddpm": sample_ddpm,
         "ddim": sample_ddim,
         "dpmpp_2m": sample_dpmpp_2m,
@@ -386,14 +441,14 @@ SAMPLERS: Mapping[str, Callable[..., torch.Tensor]] = MappingProxyType(
 )
 
 DEFAULT_STEPS: Mapping[str, int] = MappingProxyType(
-    {"original": 50, "ddpm": 25, "ddim": 50, "dpmpp_2m": 25, "dpmpp_2m_sde": 25, "flash": len(FLASH_TIMESTEPS)}
+    {"original": 50, "original30": 50, "ddpm": 25, "ddim": 50, "dpmpp_2m": 25, "dpmpp_2m_sde": 25, "flash": len(FLASH_TIMESTEPS)}
 )
 
 
 def default_timesteps(sampler: str, steps: int | None = None) -> list[int]:
     """The timestep list each sampler is normally run with (``steps`` None → the sampler's default count).
 
-    original → ``original_timesteps(steps)`` (default 50); ddpm and ddim → ``leading_timesteps(steps, offset=1)``,
+    original → ``original_timesteps(steps)`` (default 50); original30 → ``original30_timesteps(steps)`` (50); ddpm and ddim → ``leading_timesteps(steps, offset=1)``,
     the kandinsky-community scheduler spacing (defaults 25 and 50); dpmpp_2m and dpmpp_2m_sde →
     ``dpm_solver_timesteps(steps)``, diffusers' default "linspace" (default 25); flash → ``FLASH_TIMESTEPS``
     (only 4 steps exist; any other ``steps`` is an error rather than silently ignored as in the original).
@@ -407,6 +462,8 @@ def default_timesteps(sampler: str, steps: int | None = None) -> list[int]:
         return list(FLASH_TIMESTEPS)
     if sampler == "original":
         return original_timesteps(n)
+    if sampler == "original30":
+        return original30_timesteps(n)
     if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
         return dpm_solver_timesteps(n)
     return leading_timesteps(n, offset=1)

@@ -135,6 +135,14 @@ def original_timesteps(steps: int = 50, num_train_timesteps: int = NUM_TRAIN_TIM
     return list(range(num_train_timesteps - 1, 0, -stride))
 
 
+def original30_timesteps(steps: int = 50, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """Kandinsky 3.0 labels (SPEC §5.6): (S−1)·k, …, k, 0 with k = T // S — the timesteps the U-Net is told while
+    the 3.0 sampler walks its own S-point cosine grid (50 → 980, 960, …, 20, 0)."""
+    _check_steps(steps, num_train_timesteps)
+    scale = num_train_timesteps // steps
+    return [i * scale for i in reversed(range(steps))]
+
+
 def previous_timesteps(timesteps: Sequence[int], last: int = 0) -> list[int]:
     """The t_prev of each step: the next entry, and ``last`` after the final one (0 for the 3.1 sampler)."""
     return [int(t) for t in list(timesteps)[1:]] + [last]

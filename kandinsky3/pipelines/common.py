@@ -192,7 +192,7 @@ def sampler_setup(
         if sampler not in ("original", "ddim"):
             raise ValueError(f"eta applies to the 'original' and 'ddim' samplers, not {sampler!r}")
         kwargs["eta"] = float(eta)
-    if sampler == "original" or (scheduler_config is None and sampler != "flash"):
+    if sampler in ("original", "original30") or (scheduler_config is None and sampler != "flash"):
         # Kandinsky 3's own x̂₀ treatment; with original-layout weights every sampler gets it (without it the
         # deterministic samplers drift: x̂₀ = (x − σ ε̂)/α is unbounded at high noise)
         kwargs["x0_transform"] = (

@@ -65,9 +65,9 @@ class Kandinsky3Img2ImgPipeline(Kandinsky3Pipeline):
         sample_fn, timesteps, kwargs = common.sampler_setup(
             sampler, steps, eta=eta, threshold=self.threshold_percentile, scheduler_config=self.scheduler_config
         )
-        if sampler.startswith("dpmpp"):
+        if sampler.startswith("dpmpp") or sampler == "original30":
             raise ValueError("img2img supports the 'original', 'ddpm' and 'ddim' samplers "
-                             "(DPM-Solver's timestep list is not cut by strength)")
+                             f"({sampler!r} derives its noise levels from its whole timestep list)")
         timesteps = schedule.img2img_timesteps(timesteps, strength)
         with self.phase("movq"):
             init = self._image_latents(image, len(prompt_list), width, height)  # (P, 4, h, w)
