@@ -280,22 +280,31 @@ def sample_ddim(
     return x
 
 
-def _dpmpp_2m(
+def sample_dpmpp_2m(
     denoiser: Denoiser,
     x: torch.Tensor,
     timesteps: Sequence[int] | torch.Tensor,
     alphas_cumprod: torch.Tensor,
     *,
-    sde: bool,
-    final_sigmas_type: str,
-    lower_order_final: bool,
-    euler_at_final: bool,
-    x0_transform: X0Transform | None,
-    generator: GeneratorLike,
-    callback: Callback | None,
-    progress: Progress | None,
+    final_sigmas_type: str = "zero",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    x0_transform: X0Transform | None = None,
+    sde: bool = False,
+    generator: GeneratorLike = None,
+    callback: Callback | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
-    """The DPM-Solver++(2M) loop shared by ``sample_dpmpp_2m`` (ODE) and ``sample_dpmpp_2m_sde`` (``sde=True``)."""
+    """DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, Alg. 2); deterministic.
+
+    Matches diffusers ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+    solver_type="midpoint")`` with its defaults: after the last timestep the solver goes to σ = 0
+    (``final_sigmas_type="zero"``, where it returns x̂₀ exactly) or to ᾱ_0 ("sigma_min"). The first step is
+    first order; the last step is first order when the final σ is zero, when ``euler_at_final``, or when
+    ``lower_order_final`` and fewer than 15 steps — all other steps are second order. Use
+    ``dpm_solver_timesteps(n)`` for diffusers' default list. ``sde=True`` is the stochastic variant
+    (:func:`sample_dpmpp_2m_sde`); otherwise ``generator`` is accepted for a uniform signature and unused.
+    """
     if final_sigmas_type not in ("zero", "sigma_min"):
         raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
     ts, a_all, a_prev_all = _schedule(alphas_cumprod, x, timesteps, final=1.0 if final_sigmas_type == "zero" else None)
@@ -335,50 +344,12 @@ def _dpmpp_2m(
     return x
 
 
-def sample_dpmpp_2m(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    *,
-    final_sigmas_type: str = "zero",
-    lower_order_final: bool = True,
-    euler_at_final: bool = False,
-    x0_transform: X0Transform | None = None,
-    generator: GeneratorLike = None,
-    callback: Callback | None = None,
-    progress: Progress | None = None,
-) -> torch.Tensor:
-    """DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, Alg. 2); deterministic.
-
-    Matches diffusers ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
-    solver_type="midpoint")`` with its defaults: after the last timestep the solver goes to σ = 0
-    (``final_sigmas_type="zero"``, where it returns x̂₀ exactly) or to ᾱ_0 ("sigma_min"). The first step is
-    first order; the last step is first order when the final σ is zero, when ``euler_at_final``, or when
-    ``lower_order_final`` and fewer than 15 steps — all other steps are second order. Use
-    ``dpm_solver_timesteps(n)`` for diffusers' default list. ``generator`` is accepted for a uniform
-    signature and unused.
-    """
-    return _dpmpp_2m(
-        denoiser, x, timesteps, alphas_cumprod, sde=False, final_sigmas_type=final_sigmas_type,
-        lower_order_final=lower_order_final, euler_at_final=euler_at_final, x0_transform=x0_transform,
-        generator=generator, callback=callback, progress=progress,
-    )
-
-
 def sample_dpmpp_2m_sde(
     denoiser: Denoiser,
     x: torch.Tensor,
     timesteps: Sequence[int] | torch.Tensor,
     alphas_cumprod: torch.Tensor,
-    *,
-    final_sigmas_type: str = "zero",
-    lower_order_final: bool = True,
-    euler_at_final: bool = False,
-    x0_transform: X0Transform | None = None,
-    generator: GeneratorLike = None,
-    callback: Callback | None = None,
-    progress: Progress | None = None,
+    **options,
 ) -> torch.Tensor:
     """SDE-DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, the SDE variant); stochastic.
 
@@ -389,12 +360,9 @@ def sample_dpmpp_2m_sde(
     rules as ``sample_dpmpp_2m`` (a σ = 0 final target returns the last x̂₀ exactly). One z is drawn from
     ``generator`` on every step, the last included, as diffusers' ``step`` draws it, so the same CPU
     generator gives diffusers' result (diffusers draws in fp32; here in x's dtype, the same for fp32 x).
+    ``options`` are those of :func:`sample_dpmpp_2m`.
     """
-    return _dpmpp_2m(
-        denoiser, x, timesteps, alphas_cumprod, sde=True, final_sigmas_type=final_sigmas_type,
-        lower_order_final=lower_order_final, euler_at_final=euler_at_final, x0_transform=x0_transform,
-        generator=generator, callback=callback, progress=progress,
-    )
+    return sample_dpmpp_2m(denoiser, x, timesteps, alphas_cumprod, sde=True, **options)
 
 
 def sample_flash(
