@@ -113,8 +113,11 @@ def placed(
         try:
             yield module
         finally:
+            on_cuda = any(tensor.is_cuda for tensor in _tensors(module))
             release(module)
             return_free_memory()  # glibc keeps the freed heap blocks otherwise: they would add to the next phase
+            if on_cuda:
+                torch.cuda.empty_cache()  # hand the blocks back for other processes too
         return
     if offload is None:
         yield module
