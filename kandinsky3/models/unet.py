@@ -16,7 +16,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
@@ -82,13 +82,23 @@ class ModulationTable:
     """Every conditional norm's ``Linear(SiLU(τ))`` for a list of timesteps and one text context.
 
     ``outputs[k]`` is (S, B, 2·C_k) for the k-th :class:`ConditionalGroupNorm` (module order), row i for
-    timestep ``timesteps[i]``; ``rows`` maps a timestep to its row. Built by :meth:`UNet.modulation_table`.
+    timestep ``timesteps[i]``. Built by :meth:`UNet.modulation_table`.
     """
 
     timesteps: tuple[int, ...]
-    rows: dict[int, int]
     outputs: list[torch.Tensor]
     batch: int
+    rows: dict[int, int] = field(init=False)  # timestep -> row
+
+    def __post_init__(self):
+        self.rows = {t: i for i, t in enumerate(self.timesteps)}
+
+    def row_of(self, time: torch.Tensor) -> int | None:
+        """The row for a (B,) ``time`` whose entries are all one of the table's timesteps; None otherwise."""
+        first = int(time[0])
+        if time.shape[0] != self.batch or first not in self.rows or not bool((time == first).all()):
+            return None
+        return self.rows[first]
 
 
 class NormInput(NamedTuple):
@@ -350,9 +360,12 @@ class UNet(nn.Module):
 
     def _time_embed(self, time: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         """τ = MLP(sinusoid(t)) + AttentionPooling(context): (B,) times, (B, L, D) context → (B, T)."""
-        dtype = self.in_layer.weight.dtype
-        time_embed = self.to_time_embed(timestep_sinusoid(time, self.config.init_channels).to(dtype))
-        return time_embed + self.feature_pooling(context.to(dtype), context_mask)
+        return self._timestep_embed(time) + self.feature_pooling(context.to(self.in_layer.weight.dtype), context_mask)
+
+    def _timestep_embed(self, time: torch.Tensor) -> torch.Tensor:
+        """MLP(sinusoid(t)): (N,) timesteps → (N, T) in the model's dtype."""
+        sinusoid = timestep_sinusoid(time, self.config.init_channels)
+        return self.to_time_embed(sinusoid.to(self.in_layer.weight.dtype))
 
     @property
     def modulation_width(self) -> int:
@@ -382,20 +395,20 @@ class UNet(nn.Module):
         time = torch.tensor(timesteps, device=context.device)  # (S,)
         with torch.no_grad():
             pooled = self.feature_pooling(context.to(dtype), context_mask.to(context.device) != 0)  # (B, T)
-            time_part = self.to_time_embed(timestep_sinusoid(time, self.config.init_channels).to(dtype))  # (S, T)
+            time_part = self._timestep_embed(time)  # (S, T)
             activated = F.silu(time_part[:, None, :] + pooled[None, :, :]).flatten(0, 1)  # (S·B, T)
             outputs = [norm.context_mlp[1](activated).unflatten(0, (len(timesteps), batch)) for norm in self._norms]
-        return ModulationTable(timesteps, {t: i for i, t in enumerate(timesteps)}, outputs, batch)
+        return ModulationTable(timesteps, outputs, batch)
 
     @staticmethod
     def _table_row(table: ModulationTable, time: torch.Tensor) -> int:
-        """The table row of this call: every batch entry must be at the same timestep, one of the table's."""
+        """The table row of this call; a ValueError when the table does not cover it."""
         if time.shape[0] != table.batch:
             raise ValueError(f"the modulation table was built for batch {table.batch}, got {time.shape[0]}")
-        first = int(time[0])
-        if first not in table.rows or not bool((time == first).all()):
+        row = table.row_of(time)
+        if row is None:
             raise ValueError(f"the modulation table covers timesteps {table.timesteps}; got {time.tolist()}")
-        return table.rows[first]
+        return row
 
     def _check_inputs(self, x, time, context, context_mask):
         """Validate shapes early, with messages that say what to pass instead."""

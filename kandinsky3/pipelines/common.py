@@ -135,10 +135,11 @@ def unet_call(unet: torch.nn.Module, timesteps: Sequence[int] | None = None) -> 
     as the table stays under ``MODULATION_TABLE_LIMIT``; calls at other timesteps compute them as usual.
     """
     device, dtype = module_device(unet), compute_dtype(unet)
+    tabled = timesteps is not None and hasattr(unet, "modulation_table")  # our UNet (not a stand-in network)
     state: dict[str, Any] = {"context": None, "table": None}  # the table of the context object last seen
 
     def modulation(t, context, mask):
-        if timesteps is None or not hasattr(unet, "modulation_table"):
+        if not tabled:
             return None
         if state["context"] is not context:  # a new mini-batch: its [cond; uncond] context is a new tensor
             size = len(timesteps) * context.shape[0] * unet.modulation_width * torch.finfo(dtype).bits // 8
@@ -147,9 +148,7 @@ def unet_call(unet: torch.nn.Module, timesteps: Sequence[int] | None = None) -> 
                 table = unet.modulation_table(timesteps, context.to(device, dtype), mask.to(device))
             state.update(context=context, table=table)
         table = state["table"]
-        if table is None or int(t[0]) not in table.rows or not bool((t == t[0]).all()):
-            return None
-        return table
+        return table if table is not None and table.row_of(t) is not None else None
 
     def call(x, t, context, mask):
         table = modulation(t, context, mask)
@@ -267,10 +266,9 @@ def decode_latents(
     with torch.inference_mode():
         for chunk in latents.split(size):
             chunk = chunk.to(device, dtype).contiguous(memory_format=layout)
-            if tiling is None:
-                images.append(movq.decode(chunk).float().cpu().contiguous())
-            else:
-                images.append(decode_tiled(movq, chunk, tile=tiling[0], overlap=tiling[1]).float().cpu().contiguous())
+            decoded = movq.decode(chunk) if tiling is None else decode_tiled(movq, chunk, tile=tiling[0],
+                                                                              overlap=tiling[1])
+            images.append(decoded.float().cpu().contiguous())
     return torch.cat(images)
 
 
