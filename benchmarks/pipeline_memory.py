@@ -100,8 +100,8 @@ def child(side: str, folder: Path, steps: int, size: int, diffusers_dtype: str, 
                                               "t5_prefetch": prefetch},
                                 offload="disk" if offload == "disk" else False)
         phases.hook(pipe.text_encoder.t5, "encode")
-        for name in pipe.reload:  # offload="disk": reading a component from the files is a phase of its own
-            pipe.reload[name] = phases.wrapped(pipe.reload[name], f"read-{name}")
+        for name in pipe.residency.reload:  # offload="disk": reading a component from the files is a phase of its own
+            pipe.residency.reload[name] = phases.wrapped(pipe.residency.reload[name], f"read-{name}")
         run = lambda: pipe(PROMPT, steps=steps, width=size, height=size, seed=0, progress=False)  # noqa: E731
     else:
         from diffusers import Kandinsky3Pipeline
@@ -112,7 +112,7 @@ def child(side: str, folder: Path, steps: int, size: int, diffusers_dtype: str, 
         generator = torch.Generator().manual_seed(0)
         run = lambda: pipe(PROMPT, num_inference_steps=steps, width=size, height=size,  # noqa: E731
                            generator=generator)
-    phases.hook(pipe.unet, "denoise")
+    phases.hook(pipe.unet.in_layer if side == "ours" else pipe.unet, "denoise")  # ours: a bound U-Net skips forward
     phases.wrap(pipe.movq, "decode", "decode")
     with torch.inference_mode():
         run()

@@ -9,7 +9,7 @@ Per step: batch 2 (the CFG batch), a 64×64 latent (512 px), a 20-token context;
 ``--repeats`` timed forward passes after one warm-up.  FLOPs come from
 ``torch.utils.flop_counter``; the machine's matmul throughput from a 2048² GEMM measured in the
 same run, so "fraction of limit" = FLOP / time / GEMM rate. Ours runs as the pipelines run it: the
-conditional norms' inputs come from a table built once for a 50-step run (``UNet.modulation_table``), and
+conditional norms' inputs come from a table built once for a 50-step run (``UNet.bind``), and
 1/50 of the table's build time is added to each step. Both sides get ``THP_MEM_ALLOC_ENABLE=1`` (large
 CPU tensors on 2 MB pages, as the kandinsky3 CLI sets it) unless ``--no-thp``.
 """
@@ -67,7 +67,7 @@ def run_one(impl: str, config_name: str, dtype_name: str, repeats: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from kandinsky3.models import UNet, UNetConfig
-    from kandinsky3.models.storage import compute_in
+    from kandinsky3.lowmem.storage import compute_in
     from kandinsky3.weights.unet_keys import diffusers_to_original_unet
 
     dtype = getattr(torch, dtype_name)
@@ -96,9 +96,9 @@ def run_one(impl: str, config_name: str, dtype_name: str, repeats: int) -> dict:
         timesteps = list(range(999, 0, -20)) + [500]
         start = time.perf_counter()
         with torch.inference_mode():
-            table = model.modulation_table(timesteps, context, mask)
+            bound = model.bind(context, mask, timesteps)
         table_share = (time.perf_counter() - start) / 50
-        step = lambda: model(x, t, context, mask, modulation=table)  # noqa: E731
+        step = lambda: bound(x, t)  # noqa: E731
     else:
         reference.load_state_dict(weights, assign=True)
         del weights

@@ -1,13 +1,13 @@
 """Command-line entry point ``kandinsky3`` (``pyproject.toml``: ``kandinsky3 = "kandinsky3.cli:main"``).
 
 Each subcommand is two functions: ``add_<name>_parser(subparsers)`` declares its flags and ``run_<name>(args)``
-calls the Python API. The CLI only parses arguments, calls library functions and prints (STYLE habit 13).
+calls the Python API. The CLI only parses arguments, calls library functions and prints.
 
     kandinsky3 generate "prompt" -o out.png [--model tiny|PATH|REPO] [--negative-prompt ...] [--steps N] ...
     kandinsky3 inpaint "prompt" --image in.png --mask mask.png -o out.png [...]
     kandinsky3 img2img "prompt" --image in.png -o out.png [--strength 0.3] [...]
     kandinsky3 convert SRC DST [--variant base|flash|inpainting] [--dtype fp16|bf16|fp32] [--components ...]
-    kandinsky3 train CONFIG.json [--resume] [key=value ...]
+    kandinsky3 train CONFIG.json [--resume] [--stage K] [section.key=value ...]
     kandinsky3 eval [--model tiny] [--num-prompts 200] [--inpainting]
 """
 
@@ -20,9 +20,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from kandinsky3.components import COMPONENTS, DTYPE_NAMES
+from kandinsky3.diffusion import get_sampler, sampler_names
+
 __all__ = ["main", "build_parser"]
 
-SAMPLER_CHOICES = ("original", "original30", "ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")  # "flash" comes with --flash
+SAMPLER_CHOICES = sampler_names()  # the samplers of the base and inpainting weights; "flash" comes with --flash
+_SAMPLER_SUMMARIES = "; ".join(f"{name}: {get_sampler(name).summary}" for name in SAMPLER_CHOICES)
+_DEFAULT_STEPS = ", ".join(f"{name} {get_sampler(name).default_steps}" for name in SAMPLER_CHOICES)
+_DEFAULT_ETA = ", ".join(f"{name} {get_sampler(name).eta}" for name in SAMPLER_CHOICES
+                         if get_sampler(name).eta is not None)
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,12 +45,11 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
         help="which original model files to convert (unset: base; native sources: the recorded variant)",
     )
     parser.add_argument(
-        "--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+        "--dtype", choices=DTYPE_NAMES, default=None,
         help="storage dtype of floating tensors (unset: keep the source dtype; T5's wo stays fp32 under fp16)",
     )
     parser.add_argument(
-        "--components", nargs="+", choices=("unet", "movq", "text_encoder"),
-        default=["unet", "movq", "text_encoder"], help="components to convert",
+        "--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), help="components to convert",
     )
     parser.add_argument("--t5-path", default=None, help="T5 folder for a 3.0 checkpoint (unset: google/flan-ul2)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
@@ -71,67 +77,72 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser, guidance_default: str) -> None:
-    """Flags shared by generate, inpaint and img2img."""
+def _generation_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A generate/inpaint/img2img subcommand with the flags they share."""
     from kandinsky3.pipelines import DEFAULT_MODEL
 
+    parser = subparsers.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("prompt", help="text prompt")
     parser.add_argument("-o", "--output", default="out.png",
                         help="output image; with several images, _0, _1, ... are added before the suffix")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="'tiny' (the bundled small model), a local checkpoint folder in any layout, or a Hub repo id")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps; None = the sampler's own (50 original/original30, 25 ddpm/dpmpp_*)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"sampler steps; None = the model's (with its sampler), else the sampler's own "
+                             f"({_DEFAULT_STEPS})")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help=f"w in (w+1)·ε_cond − w·ε_uncond; None = {guidance_default}")
+                        help="w in (w+1)·ε_cond − w·ε_uncond; None = the model's default")
     parser.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES,
-                        help="sampler; None = 'original' for ai-forever weights, 'ddpm' for diffusers weights")
-    parser.add_argument("--eta", type=float, default=None, help="noise of the 'original' and 'ddim' samplers")
+                        help=f"sampler ({_SAMPLER_SUMMARIES}); None = the model's, else 'original' for ai-forever "
+                             "weights, 'ddpm' for diffusers weights")
+    parser.add_argument("--eta", type=float, default=None,
+                        help=f"noise of the samplers that take it; None = {_DEFAULT_ETA}")
     parser.add_argument("--seed", type=int, default=0, help="random seed (image i uses seed + i)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
-                        help="dtype of all networks; None = fp32, with the full-size T5 in fp16 on CUDA and bf16 on CPU")
-    parser.add_argument("--compute-dtype", default=None, choices=("fp32", "fp16", "bf16"),
+    parser.add_argument("--device", default="auto",
+                        help="torch device, e.g. cpu, cuda, cuda:1; auto = CUDA when present")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                        help="storage dtype of all networks; None = chosen for the device and the free memory "
+                             "(logged in one line)")
+    parser.add_argument("--compute-dtype", default=None, choices=DTYPE_NAMES,
                         help="keep the weights in --dtype but compute in this dtype (e.g. --dtype bf16 "
-                             "--compute-dtype fp32: half the memory, fp32 speed on CPUs without fast bf16)")
+                             "--compute-dtype fp32: half the memory, fp32 speed on CPUs without fast bf16); "
+                             "None = the fastest on the device")
     parser.add_argument("--stream-t5", default="auto", choices=("auto", "yes", "no"),
                         help="run the T5 encoder block by block from its files (~1 GB instead of 17 GB); auto = when "
-                             "it would take more than a third of the free memory")
-    parser.add_argument("--offload", default="no", choices=("no", "device", "disk"),
+                             "it would not fit")
+    parser.add_argument("--offload", default="auto", choices=("auto", "no", "device", "disk"),
                         help="device: components wait on the CPU and visit --device only while they run; disk: the "
                              "U-Net and MoVQ are read from the files when their phase starts and dropped after it "
-                             "(the least memory: the full model runs in under 8 GB with --dtype bf16)")
+                             "(the least memory); auto = disk when the model would not fit in memory")
     parser.add_argument("--decode-tile", type=int, default=None, metavar="N",
                         help="decode in overlapping N×N latent tiles (N = 64: 512 px tiles), bounding the decoder's "
                              "memory for large images; results differ slightly from whole-image decoding")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
 
 
-def _pipeline(factory, args: argparse.Namespace):
-    """The pipeline the flags describe (``factory`` is one of the get_*_pipeline functions)."""
-    pipe = factory(**_pipeline_kwargs(args))
+def _pipeline(task: str, args: argparse.Namespace):
+    """The ``task`` pipeline the flags describe (:func:`kandinsky3.load_pipeline`)."""
+    from kandinsky3.pipelines import DecodeTiling, LoadOptions, load_pipeline
+
+    options = LoadOptions(
+        dtype=args.dtype, compute_dtype=args.compute_dtype,
+        stream_t5={"auto": None, "yes": True, "no": False}[args.stream_t5],
+        offload={"auto": None, "no": False, "device": True, "disk": "disk"}[args.offload],
+    )
+    pipe = load_pipeline(task, args.model, device=args.device, options=options)
     if args.decode_tile is not None:
-        pipe.enable_tiled_decode(args.decode_tile, overlap=args.decode_tile // 4)
+        pipe.decode_tiling = DecodeTiling(args.decode_tile, overlap=args.decode_tile // 4)
     return pipe
 
 
-def _pipeline_kwargs(args: argparse.Namespace) -> dict:
-    stream_t5 = {"auto": "auto", "yes": True, "no": False}[args.stream_t5]
-    options = {"stream_t5": stream_t5}
-    if args.compute_dtype is not None:
-        options["compute_dtype"] = args.compute_dtype
-    offload = {"no": False, "device": True, "disk": "disk"}[args.offload]
-    return dict(device_map=args.device, dtype_map=args.dtype, model=args.model, load_options=options, offload=offload)
-
-
 def _call_kwargs(args: argparse.Namespace) -> dict:
-    options = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                   eta=args.eta, seed=args.seed, num_images_per_prompt=args.num_images,
-                   progress=not args.no_progress)
-    if args.sampler is not None:
-        options["sampler"] = args.sampler
-    return options
+    """The call arguments shared by the three tasks; None leaves the choice to the pipeline and the model."""
+    return dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                sampler=args.sampler, eta=args.eta, seed=args.seed, num_images_per_prompt=args.num_images,
+                progress=not args.no_progress)
 
 
 def _save_images(images, output: str, start: float) -> int:
@@ -147,32 +158,24 @@ def _save_images(images, output: str, start: float) -> int:
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="text-to-image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_generation_flags(parser, "3.0")
-    parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 64; None = 1024 (64 for the tiny model)")
-    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 64; None = 1024 (64 for the tiny model)")
+    parser = _generation_parser(subparsers, "generate", "text-to-image")
+    parser.add_argument("--width", type=int, default=None,
+                        help="image width, a multiple of 64; None = the model's own")
+    parser.add_argument("--height", type=int, default=None,
+                        help="image height, a multiple of 64; None = the model's own")
     parser.add_argument("--flash", action="store_true", help="Kandinsky Flash weights: 4 steps, no guidance")
     parser.set_defaults(run=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from kandinsky3.pipelines import get_T2I_Flash_pipeline, get_T2I_pipeline
-
     start = time.perf_counter()
-    factory = get_T2I_Flash_pipeline if args.flash else get_T2I_pipeline
-    pipe = _pipeline(factory, args)
-    default_side = 64 if args.model == "tiny" else 1024
-    options = _call_kwargs(args)
-    if args.flash:
-        options = {k: v for k, v in options.items() if v is not None and k not in ("steps", "eta")}
-    images = pipe(args.prompt, width=args.width or default_side, height=args.height or default_side, **options)
+    pipe = _pipeline("flash" if args.flash else "text-to-image", args)
+    images = pipe(args.prompt, width=args.width, height=args.height, **_call_kwargs(args))
     return _save_images(images, args.output, start)
 
 
 def add_inpaint_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("inpaint", help="repaint the masked region of an image",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_generation_flags(parser, "4.0")
+    parser = _generation_parser(subparsers, "inpaint", "repaint the masked region of an image")
     parser.add_argument("--image", required=True, help="input image")
     parser.add_argument("--mask", required=True, help="mask image of the same size: white (255) = repaint")
     parser.add_argument("--no-paste-back", action="store_true", help="do not copy the kept pixels from the input")
@@ -182,19 +185,15 @@ def add_inpaint_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_inpaint(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from kandinsky3.pipelines import get_inpainting_pipeline
-
     start = time.perf_counter()
     image, mask = Image.open(args.image), Image.open(args.mask)
-    pipe = _pipeline(get_inpainting_pipeline, args)
+    pipe = _pipeline("inpainting", args)
     images = pipe(args.prompt, image, mask, paste_back=not args.no_paste_back, **_call_kwargs(args))
     return _save_images(images, args.output, start)
 
 
 def add_img2img_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("img2img", help="transform an image following a prompt",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_generation_flags(parser, "3.0")
+    parser = _generation_parser(subparsers, "img2img", "transform an image following a prompt")
     parser.add_argument("--image", required=True, help="input image")
     parser.add_argument("--strength", type=float, default=0.3, help="share of the timesteps that is run, in (0, 1]")
     parser.set_defaults(run=run_img2img)
@@ -203,10 +202,8 @@ def add_img2img_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_img2img(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from kandinsky3.pipelines import get_img2img_pipeline
-
     start = time.perf_counter()
-    pipe = _pipeline(get_img2img_pipeline, args)
+    pipe = _pipeline("img2img", args)
     images = pipe(args.prompt, Image.open(args.image), strength=args.strength, **_call_kwargs(args))
     return _save_images(images, args.output, start)
 
@@ -221,7 +218,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps; None = the sampler's own")
     parser.add_argument("--sampler", default="original", choices=SAMPLER_CHOICES,
                         help="sampler")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="w; None = 3.0")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="w; None = the model's default")
     parser.add_argument("--inpainting", action="store_true", help="also evaluate the inpainting variant")
     parser.add_argument("--seed", type=int, default=0, help="base seed")
     parser.set_defaults(run=run_eval)
@@ -231,17 +228,18 @@ def run_eval(args: argparse.Namespace) -> int:
     import json
 
     from kandinsky3 import report
-    from kandinsky3.pipelines import get_inpainting_pipeline, get_T2I_pipeline
+    from kandinsky3.pipelines import LoadOptions, load_pipeline
 
     start = time.perf_counter()
-    pipe = get_T2I_pipeline("cpu", model=args.model, dtype_map="fp32")
+    fp32 = LoadOptions(dtype="fp32")  # the report's figures are fp32 figures on every machine
+    pipe = load_pipeline("text-to-image", args.model, device="cpu", options=fp32)
     options = dict(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale)
     results = {
         "text_to_image": report.evaluate_text_to_image(pipe, args.num_prompts, seed=args.seed, **options),
         "movq_psnr": report.movq_psnr(pipe.movq),
     }
     if args.inpainting:
-        inpaint = get_inpainting_pipeline("cpu", model=args.model, dtype_map="fp32")
+        inpaint = load_pipeline("inpainting", args.model, device="cpu", options=fp32)
         results["inpainting"] = report.evaluate_inpainting(inpaint, args.num_prompts, seed=args.seed, steps=args.steps)
     print(json.dumps(results, indent=2))
     print(f"evaluated in {time.perf_counter() - start:.1f} s")
@@ -249,16 +247,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train a MoVQ or U-Net from a JSON config (see configs/)",
-                                   add_help=False)
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="CONFIG.json [--resume] [key=value ...]")
-    parser.set_defaults(run=run_train)
-
-
-def run_train(args: argparse.Namespace) -> int:  # reached only through build_parser() users; main() delegates
-    from kandinsky3.training.__main__ import main as train_main
-
-    return train_main(args.train_args)
+    """Listed for ``kandinsky3 --help`` only: :func:`main` hands ``train ...`` to the trainer's own parser
+    (:mod:`kandinsky3.training.__main__`, which has flags such as --resume and --help) before this parser runs."""
+    subparsers.add_parser("train", help="train a MoVQ or U-Net from a JSON config (see configs/): kandinsky3 "
+                                        "train CONFIG.json [--resume] [section.key=value ...]", add_help=False)
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
@@ -269,7 +261,8 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandinsky3", description="Kandinsky 3 text-to-image tools")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress of the libraries used too (INFO level); kandinsky3's own notes always show")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in _SUBCOMMANDS:
         add_parser(subparsers)
@@ -289,11 +282,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # CPU allocation, so this must run before any tensor exists; a user's own setting wins.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("kandinsky3").setLevel(logging.INFO)  # the library's one-line notes (e.g. the placement)
+    from kandinsky3.errors import UsageError
     from kandinsky3.weights import CheckpointError
 
+    # The user's mistakes: the library's checks (UsageError, CheckpointError) and files that cannot be read or
+    # written. Anything else (a TypeError, say) is a bug and keeps its traceback.
+    user_errors = (UsageError, CheckpointError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                   NotADirectoryError, PermissionError)
     try:
         return args.run(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as error:
+    except user_errors as error:
         print(f"kandinsky3 {args.command}: error: {error}", file=sys.stderr)
         return 2
 

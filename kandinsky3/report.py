@@ -20,7 +20,7 @@ from PIL import Image
 
 from .data.shapes import COLOURS, Scene, ShapesDataset, eval_prompts, layout
 from .evaluation import evaluate, inpainting_score
-from .models.storage import compute_dtype
+from .lowmem.storage import compute_dtype
 
 __all__ = ["evaluate_text_to_image", "movq_psnr", "evaluate_inpainting"]
 

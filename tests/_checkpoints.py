@@ -9,11 +9,12 @@ Writers (each returns a :class:`Written` with the folder and the reference netwo
 - ``write_diffusers(root)``: a diffusers pipeline folder saved by diffusers' own ``Kandinsky3UNet`` / ``VQModel`` /
   ``DDPMScheduler`` ``save_pretrained`` and transformers' ``T5EncoderModel.save_pretrained`` (fp16 variant files
   optional), plus ``model_index.json``.
-- ``write_native(root)``: the native layout via ``kandinsky3.weights.save_native``.
+- ``write_native(root)``: the native layout via ``kandinsky3.weights.write_native``.
 
 Every parameter is random (also norm weights and zero-initialised projections) and drawn from explicit generators,
 so the files are identical across runs. The U-Net, MoVQ and T5 are the smallest shapes that exercise every code
-path: 2 U-Net levels (asymmetric attention flags, SPEC §10.2), MoVQ attention at level 1, a 2-layer T5.
+path: 2 U-Net levels (asymmetric attention flags, docs/architecture.md §10.2), MoVQ attention at level 1, a 2-layer
+T5.
 """
 
 from __future__ import annotations
@@ -209,12 +210,11 @@ def write_diffusers(root: Path, seed: int = 0, fp16_variant: bool = False) -> Wr
 
 
 def write_native(root: Path, seed: int = 0, conditioning: str = "original", dtype=None) -> Written:
-    """A native folder written by ``save_native`` from freshly made random networks."""
-    from kandinsky3.weights import Components, save_native
+    """A native folder written by ``kandinsky3.weights.write_native`` from freshly made random networks."""
+    from kandinsky3 import weights
 
     unet, movq, text = make_unet(seed=seed + 10), make_movq(seed=seed), make_text_encoder(seed=seed + 20, t5_seed=seed)
-    components = Components(unet, movq, text, conditioning, None, "original", "base")
-    save_native(components, root, dtype=dtype)
+    weights.write_native(root, unet=unet, movq=movq, text_encoder=text, conditioning=conditioning, dtype=dtype)
     return Written(root, unets={"base": unet}, movq=movq, texts={"base": text})
 
 

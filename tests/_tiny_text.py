@@ -1,7 +1,7 @@
 """Tiny offline T5 text stack for fast CPU tests (nothing is downloaded).
 
 - `tiny_tokenizer()`: a transformers `T5Tokenizer` over a sentencepiece unigram vocabulary that is
-  trained in memory from a small built-in corpus. T5 conventions as in Flan-UL2 (SPEC §4.1-4.2):
+  trained in memory from a small built-in corpus. T5 conventions as in Flan-UL2 (architecture §4.1-4.2):
   pad id 0, EOS id 1 appended to every prompt, unk id 2, no BOS, no sentinel ids.
 - `tiny_t5_encoder(d_model=32, seed=0)`: a randomly initialised 2-layer `T5EncoderModel` with a
   gated-SiLU feed-forward (Flan-UL2's `feed_forward_proj`), dropout 0, in eval mode.

@@ -1,9 +1,12 @@
-"""The factories load tiny checkpoints written in each layout and build working pipelines.
+"""load_pipeline and the seed's factories load tiny checkpoints written in each layout and build working pipelines.
 
 Parity: a diffusers pipeline folder saved by diffusers' own ``save_pretrained`` is loaded both by
 ``diffusers.Kandinsky3Pipeline.from_pretrained`` and by our ``get_T2I_pipeline(model=folder)``;
 with the same latents and deterministic DDIM the images agree to 1e-4 (float rounding only).
 """
+
+import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -11,9 +14,18 @@ import torch
 from _checkpoints import write_diffusers, write_original
 from PIL import Image
 
-from kandinsky3 import get_img2img_pipeline, get_inpainting_pipeline, get_T2I_Flash_pipeline, get_T2I_pipeline
-from kandinsky3.pipelines import Kandinsky3Pipeline
-from kandinsky3.pipelines.factory import placement
+from kandinsky3 import (
+    LoadOptions,
+    get_img2img_pipeline,
+    get_inpainting_pipeline,
+    get_T2I_Flash_pipeline,
+    get_T2I_pipeline,
+    load_pipeline,
+)
+from kandinsky3.errors import UsageError
+from kandinsky3.lowmem import compute_dtype, half_precision_is_fast, storage_dtype
+from kandinsky3.pipelines import Kandinsky3Pipeline, load
+from kandinsky3.pipelines.load import legacy_options, resolve_devices
 
 FAST = dict(width=16, height=16, progress=False)
 TINY = dict(head_dim=4, groups=4)  # not determined by the shapes of original-layout files
@@ -111,16 +123,99 @@ def test_device_and_dtype_maps_place_each_component(original):
     assert np.isfinite(image).all()
 
 
-def test_placement_defaults_and_errors():
-    places = placement("cpu", None, fp16=True, tiny=False)
-    assert places["unet"][1] == torch.float16 and places["text_encoder"][1] == torch.bfloat16
-    assert placement("cpu", None, fp16=False, tiny=True)["text_encoder"][1] == torch.float32
-    with pytest.raises(ValueError, match="missing"):
-        placement({"unet": "cpu"}, None, fp16=False, tiny=False)
-    with pytest.raises(ValueError, match="either fp16"):
-        placement("cpu", torch.float16, fp16=True, tiny=False)
-    with pytest.raises(ValueError, match="unknown dtype"):
-        placement("cpu", "int8", fp16=False, tiny=False)
+def test_the_tiny_model_renders_at_its_own_size_through_the_api():
+    """No width/height: the size the model records (the bundled tiny model was trained at 64 px), not 1024."""
+    pipe = get_T2I_pipeline("cpu", model="tiny")
+    assert (pipe.sampling_defaults.width, pipe.sampling_defaults.height) == (64, 64)
+    assert pipe("a red circle", steps=2, seed=0, progress=False)[0].size == (64, 64)
+
+
+def test_the_layout_is_detected_once_per_call(original, monkeypatch):
+    opened = []
+    real = load.open_checkpoint
+    monkeypatch.setattr(load, "open_checkpoint", lambda *args, **kwargs: opened.append(args) or real(*args, **kwargs))
+    pipe = load_pipeline("inpainting", original.root, device="cpu", options=LoadOptions(dtype="fp32", **TINY))
+    assert len(opened) == 1 and pipe.unet.config.num_channels == 9
+
+
+def test_the_placement_is_said_in_one_info_line(caplog):
+    with caplog.at_level(logging.INFO, logger="kandinsky3"):
+        load_pipeline("text-to-image", "tiny", device="cpu")
+    assert len([record for record in caplog.records if "placement" in record.getMessage()]) == 1
+
+
+def test_fp16_is_half_storage_with_fp32_math_where_half_math_is_slow(original, caplog):
+    """The 3.0 API's fp16=True: the U-Net and MoVQ stored in fp16; on a device without fast fp16 math they compute
+    in fp32, which the placement line says."""
+    with caplog.at_level(logging.INFO, logger="kandinsky3"):
+        pipe = get_T2I_pipeline("cpu", fp16=True, model=original.root, load_options=TINY)
+    fast = half_precision_is_fast("cpu", torch.float16)
+    assert storage_dtype(pipe.unet) == storage_dtype(pipe.movq) == torch.float16
+    assert compute_dtype(pipe.unet) == compute_dtype(pipe.movq) == (torch.float16 if fast else torch.float32)
+    [summary] = [record.getMessage() for record in caplog.records if "placement" in record.getMessage()]
+    assert ("computed in fp32" in summary) != fast
+    assert np.isfinite(pipe("a red circle", steps=2, seed=0, output_type="np", **FAST)).all()
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (dict(dtype="int8"), "dtype"),
+        (dict(dtype={"vae": "fp16"}), "dtype"),
+        (dict(dtype={"unet": torch.int8}), "dtype"),
+        (dict(compute_dtype="fp8"), "compute_dtype"),
+        (dict(stream_t5="sometimes"), "stream_t5"),
+        (dict(offload="ram"), "offload"),
+        (dict(t5_prefetch=1), "t5_prefetch"),
+        (dict(unet_path=3), "unet_path"),
+        (dict(unet_config={"model_channels": 32}), "unet_config"),
+        (dict(head_dim=0), "head_dim"),
+    ],
+)
+def test_a_wrong_option_value_is_a_usage_error_naming_the_field(options, field):
+    with pytest.raises(UsageError, match=rf"LoadOptions\.{field}"):
+        LoadOptions(**options)
+
+
+def test_load_options_are_frozen_and_hold_parsed_dtypes():
+    options = LoadOptions(dtype={"unet": "bf16"}, compute_dtype="fp32")
+    assert options.dtype["unet"] is torch.bfloat16 and options.compute_dtype is torch.float32
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.offload = "disk"
+    with pytest.raises(TypeError):
+        options.dtype["movq"] = torch.float16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_refused_before_anything_is_read():
+    with pytest.raises(UsageError, match="no usable CUDA device"):
+        get_T2I_pipeline("cuda", model="/no/such/folder")  # a FileNotFoundError would mean the folder was opened
+    with pytest.raises(UsageError, match="no usable CUDA device"):
+        load_pipeline("text-to-image", "/no/such/folder", device={"unet": "cpu", "text_encoder": "cuda:0",
+                                                                   "movq": "cpu"})
+    assert set(resolve_devices("auto").values()) == {torch.device("cpu")}
+
+
+def test_a_device_map_needs_every_component_and_real_devices():
+    with pytest.raises(UsageError, match="missing"):
+        resolve_devices({"unet": "cpu"})
+    with pytest.raises(UsageError, match="not a device"):
+        resolve_devices("gpu0")
+    with pytest.raises(UsageError, match="unknown task"):
+        load_pipeline("text2img", "tiny", device="cpu")
+
+
+def test_the_seed_arguments_become_load_options():
+    device, options = legacy_options({"unet": "cpu", "text_encoder": "cpu", "movq": "cpu"}, True, offload="disk",
+                                     load_options={"stream_t5": "auto", "head_dim": 4}, unet_path="u.pt")
+    assert device == {"unet": "cpu", "text_encoder": "cpu", "movq": "cpu"}
+    assert options == LoadOptions(dtype={"unet": torch.float16, "movq": torch.float16}, offload="disk", head_dim=4,
+                                  unet_path="u.pt")
+    assert legacy_options("cpu", dtype_map="bf16")[1].dtype is torch.bfloat16
+    with pytest.raises(UsageError, match="either fp16"):
+        legacy_options("cpu", True, dtype_map=torch.float16)
+    with pytest.raises(TypeError, match="unknown load_options"):
+        legacy_options("cpu", load_options={"dtype": "fp16"})  # the dtype goes through dtype_map
 
 
 def test_unsupported_quantised_loading_is_refused(original):

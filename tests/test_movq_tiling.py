@@ -166,11 +166,12 @@ def test_tiled_decode_rejects_bad_arguments(random_movq, shape, kwargs, match):
 
 
 def test_pipelines_decode_in_tiles_only_when_asked():
-    """``enable_tiled_decode`` reaches the decoder of every pipeline; off again, images are bit-equal to before."""
+    """``pipe.decode_tiling`` reaches the decoder of every pipeline; off again, images are bit-equal to before."""
     import numpy as np
     from PIL import Image
 
     from kandinsky3 import get_img2img_pipeline, get_inpainting_pipeline, get_T2I_pipeline
+    from kandinsky3.pipelines import DecodeTiling
 
     image = Image.fromarray((np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8))
     mask = np.zeros((96, 128), np.float32)
@@ -182,11 +183,11 @@ def test_pipelines_decode_in_tiles_only_when_asked():
         pipe = factory("cpu", model="tiny")
         run = lambda: pipe(*args, steps=4, seed=0, output_type="np", progress=False, **size)  # noqa: E731
         whole = run()
-        pipe.enable_tiled_decode(tile=16, overlap=4)  # 24×32 latents: 2×2 tiles
+        pipe.decode_tiling = DecodeTiling(tile=16, overlap=4)  # 24×32 latents: 2×2 tiles
         tiled = run()
-        pipe.disable_tiled_decode()
+        pipe.decode_tiling = None
         assert np.array_equal(run(), whole)
         difference = np.abs(tiled - whole)
         assert 0 < difference.mean() < 0.03, (factory.__name__, difference.mean())
         with pytest.raises(ValueError, match="overlap"):
-            pipe.enable_tiled_decode(tile=16, overlap=16)
+            DecodeTiling(tile=16, overlap=16)

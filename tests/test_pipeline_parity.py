@@ -23,7 +23,7 @@ from kandinsky3.pipelines.text_to_image import Kandinsky3Pipeline as OurPipeline
 from kandinsky3.weights.movq_keys import diffusers_to_original_movq
 from kandinsky3.weights.unet_keys import diffusers_to_original_unet
 
-SCHEDULER_CONFIG = {  # kandinsky-community/kandinsky-3 scheduler_config.json (SPEC §5.8)
+SCHEDULER_CONFIG = {  # kandinsky-community/kandinsky-3 scheduler_config.json (architecture §5.8)
     "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.00085,
     "beta_end": 0.012, "prediction_type": "epsilon", "variance_type": "fixed_small", "clip_sample": True,
     "clip_sample_range": 1.0, "thresholding": False, "timestep_spacing": "leading", "steps_offset": 1,

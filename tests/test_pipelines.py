@@ -7,6 +7,7 @@ import torch
 from _tiny_models import tiny_components
 from PIL import Image
 
+from kandinsky3.components import SamplingDefaults
 from kandinsky3.pipelines.img2img import Kandinsky3Img2ImgPipeline
 from kandinsky3.pipelines.inpainting import Kandinsky3InpaintingPipeline, working_size
 from kandinsky3.pipelines.text_to_image import Kandinsky3Pipeline
@@ -73,7 +74,7 @@ def test_given_latents_are_the_start_noise(t2i):
 def test_callback_sees_every_step(t2i):
     seen = []
     t2i("a", seed=0, callback=lambda info: seen.append(info["t"]), output_type="latent", **FAST)
-    assert seen == [999, 665, 331]  # original sampler: stride ceil(1000/3) = 334 from 999 (SPEC §5.5)
+    assert seen == [999, 665, 331]  # original sampler: stride ceil(1000/3) = 334 from 999 (docs/architecture.md §5.5)
 
 
 @pytest.mark.parametrize("sampler, stochastic", [("original", True), ("original30", True), ("ddpm", True), ("ddim", False),
@@ -107,11 +108,28 @@ def test_bad_sizes_name_the_nearest_valid_ones():
         (dict(prompt="a", latents=torch.zeros(1, 4, 4, 4)), ValueError),
         (dict(prompt="a", seed=1, generator=torch.Generator()), ValueError),
         (dict(prompt="a", eta=0.5, sampler="dpmpp_2m"), ValueError),
+        (dict(prompt="a", bs=0), ValueError),
+        (dict(prompt="a", stepz=3), TypeError),
     ],
 )
 def test_bad_arguments_raise_early(t2i, kwargs, error):
     with pytest.raises(error):
         t2i(**{**FAST, **kwargs})
+
+
+def test_a_call_takes_what_it_leaves_out_from_the_models_sampling_defaults():
+    """Size, guidance, sampler and steps the model records; its step count goes with its sampler only."""
+    defaults = SamplingDefaults(width=16, height=8, guidance_scale=1.5, steps=3, sampler="ddim")
+    pipe = Kandinsky3Pipeline(*tiny_components(), sampling_defaults=defaults)
+    assert pipe.default_sampler == "ddim"
+    seen = []
+    implied = pipe("a", seed=0, output_type="np", progress=False, callback=lambda info: seen.append(info["t"]))
+    explicit = pipe("a", seed=0, output_type="np", progress=False, width=16, height=8, guidance_scale=1.5, steps=3,
+                    sampler="ddim")
+    assert implied.shape == (1, 8, 16, 3) and len(seen) == 3 and np.array_equal(implied, explicit)
+    seen.clear()
+    pipe("a", seed=0, sampler="ddpm", output_type="latent", progress=False, callback=lambda info: seen.append(1))
+    assert len(seen) == 25  # another sampler runs its own default steps, not the model's
 
 
 def test_flash_refuses_what_it_would_ignore():
@@ -212,7 +230,7 @@ class _RecordingModule(torch.nn.Linear):
 
 
 def test_offload_moves_a_component_to_its_device_only_while_it_runs():
-    from kandinsky3.pipelines.residency import check_offload, placed
+    from kandinsky3.lowmem.residency import check_offload, placed
 
     module = _RecordingModule()
     offload = check_offload({"unet": "cpu", "text_encoder": "meta", "movq": "cpu"})
@@ -235,9 +253,9 @@ def test_offloaded_pipeline_gives_the_same_images():
 
 
 def test_norm_projections_run_once_per_mini_batch_and_change_nothing(t2i, monkeypatch):
-    """The pipeline precomputes the conditional norms' inputs for all steps (UNet.modulation_table): each
+    """The pipeline precomputes the conditional norms' inputs for all steps (UNet.bind): each
     projection runs once per mini-batch, not once per step, and the images equal the per-step path's."""
-    from kandinsky3.pipelines import common
+    from kandinsky3.pipelines import stages
 
     norms = [m for m in t2i.unet.modules() if hasattr(m, "context_mlp")]
     calls = []
@@ -247,7 +265,7 @@ def test_norm_projections_run_once_per_mini_batch_and_change_nothing(t2i, monkey
                       progress=False)
         tabled = t2i(**kwargs)
         assert len(calls) == 2 * len(norms)  # two mini-batches, four steps each
-        monkeypatch.setattr(common, "MODULATION_TABLE_LIMIT", 0)
+        monkeypatch.setattr(stages, "MODULATION_TABLE_LIMIT", 0)
         calls.clear()
         per_step = t2i(**kwargs)
         assert len(calls) == 2 * 4 * len(norms)

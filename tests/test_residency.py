@@ -8,9 +8,9 @@ from PIL import Image
 from torch import nn
 
 from kandinsky3 import get_img2img_pipeline, get_inpainting_pipeline, get_T2I_pipeline
-from kandinsky3.models.storage import compute_in
+from kandinsky3.lowmem.storage import compute_in
 from kandinsky3.pipelines import Kandinsky3Pipeline
-from kandinsky3.pipelines.residency import adopt, check_reload, is_released, release
+from kandinsky3.lowmem.residency import Residency, adopt, check_reload, is_released, release
 from kandinsky3.weights.build import instantiate
 from kandinsky3.weights.sources import DictSource
 
@@ -54,12 +54,33 @@ def test_released_weights_are_freed_at_once_without_waiting_for_the_garbage_coll
                             load_options={"compute_dtype": torch.float32})
     gc.disable()
     try:
-        with pipe.phase("unet") as unet:
+        with pipe.residency.phase("unet", pipe.unet) as unet:
             weight = weakref.ref(next(unet.parameters()))
             assert weight() is not None and weight().device.type == "cpu"
         assert weight() is None
     finally:
         gc.enable()
+
+
+def test_adopt_moves_the_tensors_and_leaves_the_loaded_module_without_data():
+    net, fresh = _net(0), _net(0)
+    weight = fresh.conv.parametrizations.weight.original.detach().clone()
+    release(net)
+    adopt(net, fresh)
+    assert all(t.is_meta for t in (*fresh.parameters(), *fresh.buffers()))
+    assert torch.equal(net.conv.parametrizations.weight.original, weight)
+
+
+def test_each_residency_owns_a_validated_copy_of_its_policy():
+    loaders = {"unet": lambda: None}
+    first, second = Residency(), Residency(reload=loaders)
+    loaders["movq"] = lambda: None
+    first.reload["text_encoder"] = lambda: None
+    assert set(second.reload) == {"unet"} and set(Residency().reload) == set()  # no state shared between them
+    offload = Residency(offload={"unet": "cpu", "text_encoder": "cpu", "movq": "meta"}).offload
+    assert offload["movq"] == torch.device("meta")
+    with pytest.raises(ValueError, match="not both"):
+        Residency(offload={"unet": "cpu", "text_encoder": "cpu", "movq": "cpu"}, reload=loaders)
 
 
 def test_adopt_refuses_other_shapes_and_dtypes():
@@ -96,21 +117,22 @@ def test_check_reload_rejects_bad_maps():
         check_reload({"unet": "path/to/unet"}, None)
     with pytest.raises(ValueError, match="not both"):
         check_reload({"unet": lambda: None}, {"unet": torch.device("cpu")})
-    with pytest.raises(ValueError, match="offload must be True, False or 'disk'"):
+    with pytest.raises(ValueError, match="offload must be .*'ram'"):
         get_T2I_pipeline("cpu", model="tiny", offload="ram")
 
 
 def _counted(pipe, name):
     calls = []
-    loader = pipe.reload[name]
-    pipe.reload[name] = lambda: calls.append(1) or loader()
+    loader = pipe.residency.reload[name]
+    pipe.residency.reload[name] = lambda: calls.append(1) or loader()
     return calls
 
 
+@pytest.mark.slow  # spawns processes / re-reads checkpoints: CI's second tier
 def test_disk_offload_text_to_image_matches_resident_and_reads_the_unet_once_per_call():
     resident = get_T2I_pipeline("cpu", model="tiny")
     on_disk = get_T2I_pipeline("cpu", model="tiny", offload="disk")
-    assert set(on_disk.reload) == {"unet", "movq"} and is_released(on_disk.unet) and is_released(on_disk.movq)
+    assert set(on_disk.residency.reload) == {"unet", "movq"} and is_released(on_disk.unet) and is_released(on_disk.movq)
     assert on_disk.unet.config == resident.unet.config  # the skeleton answers config questions
     unet_reads = _counted(on_disk, "unet")
     expected = resident(["a red circle", "a blue square"], width=64, height=64, **SMALL)
@@ -120,6 +142,7 @@ def test_disk_offload_text_to_image_matches_resident_and_reads_the_unet_once_per
         assert len(unet_reads) == call and is_released(on_disk.unet) and is_released(on_disk.movq)
 
 
+@pytest.mark.slow  # spawns processes / re-reads checkpoints: CI's second tier
 def test_disk_offload_inpainting_and_img2img_match_resident():
     image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
     mask = np.zeros((64, 64), np.float32)
@@ -133,6 +156,7 @@ def test_disk_offload_inpainting_and_img2img_match_resident():
         assert is_released(on_disk.unet) and is_released(on_disk.movq)
 
 
+@pytest.mark.slow  # spawns processes / re-reads checkpoints: CI's second tier
 def test_disk_offload_keeps_a_diffusers_folders_scheduler_and_storage_dtype(tmp_path):
     folder = write_diffusers(tmp_path / "community").root
     options = dict(dtype_map=torch.bfloat16, load_options={"compute_dtype": torch.float32, "stream_t5": False})

@@ -1,4 +1,4 @@
-"""Samplers, CFG and x̂₀ transforms against diffusers schedulers and plain re-derivations (SPEC §5.3–§5.8).
+"""Samplers, CFG and x̂₀ transforms against diffusers schedulers and plain re-derivations (architecture §5.3–§5.8).
 
 Parity tolerance: all comparisons run in fp32 on (2, 4, 8, 8) latents with |x| ≲ 3. The two sides evaluate the
 same formulas in a different association order, so they agree to a few fp32 ulps per step (~1e-7 absolute);
@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from kandinsky3.diffusion import (
-    DEFAULT_STEPS,
     FLASH_TIMESTEPS,
-    SAMPLERS,
+    SAMPLER_TABLE,
+    bind_per_call,
     cosine_alphas_cumprod,
-    default_timesteps,
     dpm_solver_timesteps,
     dynamic_threshold,
+    get_sampler,
     guided_eps,
     hard_clip,
     leading_timesteps,
@@ -189,16 +189,18 @@ def test_dpmpp_2m_sde_matches_diffusers_with_a_generator_per_sample():
 
 
 def test_dpmpp_2m_sde_defaults_to_the_dpm_solver_timesteps():
-    assert DEFAULT_STEPS["dpmpp_2m_sde"] == 25 and SAMPLERS["dpmpp_2m_sde"] is sample_dpmpp_2m_sde
-    assert default_timesteps("dpmpp_2m_sde") == dpm_solver_timesteps(25) == default_timesteps("dpmpp_2m")
-    assert default_timesteps("dpmpp_2m_sde", 10) == dpm_solver_timesteps(10)
+    entry = get_sampler("dpmpp_2m_sde")
+    assert entry.default_steps == 25 and entry.function is sample_dpmpp_2m_sde
+    assert entry.timesteps() == dpm_solver_timesteps(25) == get_sampler("dpmpp_2m").timesteps()
+    assert entry.timesteps(10) == dpm_solver_timesteps(10)
 
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_sde"])
 def test_dpmpp_2m_with_zero_final_sigma_returns_last_x0(name):
     seen = []
-    out = SAMPLERS[name](toy_denoiser, start_noise(), dpm_solver_timesteps(6), cosine_alphas_cumprod(),
-                         generator=torch.Generator().manual_seed(0), callback=lambda info: seen.append(info["x0"]))
+    out = get_sampler(name).function(toy_denoiser, start_noise(), dpm_solver_timesteps(6), cosine_alphas_cumprod(),
+                                     generator=torch.Generator().manual_seed(0),
+                                     callback=lambda info: seen.append(info["x0"]))
     assert torch.equal(out, seen[-1])
 
 
@@ -206,7 +208,7 @@ def test_dpmpp_2m_with_zero_final_sigma_returns_last_x0(name):
 
 
 def reference_original_sampler(x, steps, eta, percentile, generator):
-    """SPEC §5.5 written out plainly, with ᾱ taken from diffusers (an independent source of the schedule)."""
+    """architecture §5.5 written out plainly, with ᾱ taken from diffusers (an independent source of the schedule)."""
     ac = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
     times = list(range(999, 0, -1000 // steps))  # the original's expression, read literally
     for t, t_prev in zip(times, times[1:] + [0]):
@@ -233,7 +235,7 @@ def test_original_sampler_matches_plain_rederivation(steps, eta):
 
 
 def test_original_step_equals_diffusers_ddpm_posterior_step_for_the_same_jump():
-    # SPEC §5.5: with identical t → t_prev, eta = 1 and hard clipping, one step is diffusers' strided DDPM step.
+    # architecture §5.5: with identical t → t_prev, eta = 1 and hard clipping, one step is diffusers' strided DDPM step.
     t, t_prev = 979, 959
     x = start_noise(5)
     ref = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True)
@@ -307,9 +309,13 @@ def test_list_of_generators_draws_per_sample():
 # ------------------------------------------------------------------------------------ determinism and hooks
 
 
+def _short_timesteps(name):
+    return get_sampler(name).timesteps(4 if name == "flash" else 6)
+
+
 def _run(name, x, generator, **kwargs):
-    return SAMPLERS[name](toy_denoiser, x, default_timesteps(name, 4 if name == "flash" else 6),
-                          cosine_alphas_cumprod(), generator=generator, **kwargs)
+    return get_sampler(name).function(toy_denoiser, x, _short_timesteps(name), cosine_alphas_cumprod(),
+                                      generator=generator, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -335,7 +341,7 @@ def test_deterministic_samplers_draw_no_noise():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", [entry.name for entry in SAMPLER_TABLE])
 def test_callback_sees_every_step_and_progress_wraps_the_loop(name):
     infos, wrapped = [], []
 
@@ -345,7 +351,7 @@ def test_callback_sees_every_step_and_progress_wraps_the_loop(name):
 
     x = start_noise()
     out = _run(name, x, torch.Generator().manual_seed(0), callback=infos.append, progress=progress)
-    ts = default_timesteps(name, 4 if name == "flash" else 6)
+    ts = _short_timesteps(name)
     assert wrapped == [len(ts)] and [i["step"] for i in infos] == list(range(len(ts)))
     assert [i["t"] for i in infos] == ts and set(infos[0]) == {"step", "t", "x", "x0"}
     assert out.shape == x.shape and out.dtype == x.dtype
@@ -354,8 +360,8 @@ def test_callback_sees_every_step_and_progress_wraps_the_loop(name):
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m_sde"])
 def test_sampler_accepts_tensor_timesteps_and_runs_in_x_dtype(name):
     x = start_noise().double()
-    out = SAMPLERS[name](toy_denoiser, x, torch.tensor(default_timesteps(name, 5)), cosine_alphas_cumprod(),
-                         generator=torch.Generator().manual_seed(0))
+    out = get_sampler(name).function(toy_denoiser, x, torch.tensor(get_sampler(name).timesteps(5)),
+                                     cosine_alphas_cumprod(), generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
 
 
@@ -402,7 +408,7 @@ def _conds(batch=2, length=5, dim=3):
 
 def test_cfg_with_w_zero_makes_one_call_with_batch_b():
     net, (cond, uncond) = RecordingNet(), _conds()
-    eps = make_cfg_denoiser(net, cond, uncond, 0.0)(start_noise(), torch.full((2,), 500))
+    eps = make_cfg_denoiser(bind_per_call(net), cond, uncond, 0.0)(start_noise(), torch.full((2,), 500))
     assert len(net.calls) == 1 and net.calls[0]["x"].shape[0] == 2 and torch.equal(net.calls[0]["context"], cond[0])
     assert torch.equal(eps, torch.full(SHAPE, 2.0))
 
@@ -410,7 +416,7 @@ def test_cfg_with_w_zero_makes_one_call_with_batch_b():
 def test_cfg_makes_one_call_with_batch_2b_cond_first_and_combines():
     net, (cond, uncond) = RecordingNet(), _conds()
     x, t = start_noise(), torch.tensor([500, 400])
-    eps = make_cfg_denoiser(net, cond, uncond, 3.0)(x, t)
+    eps = make_cfg_denoiser(bind_per_call(net), cond, uncond, 3.0)(x, t)
     assert len(net.calls) == 1
     call = net.calls[0]
     assert call["x"].shape[0] == 4 and torch.equal(call["x"], torch.cat([x, x]))
@@ -423,30 +429,30 @@ def test_cfg_makes_one_call_with_batch_2b_cond_first_and_combines():
 def test_cfg_extra_channels_are_concatenated_for_both_branches():
     net, (cond, uncond) = RecordingNet(), _conds()
     x, extra = start_noise(), torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(3))
-    make_cfg_denoiser(net, cond, uncond, 4.0, extra_channels=extra)(x, torch.full((2,), 10))
+    make_cfg_denoiser(bind_per_call(net), cond, uncond, 4.0, extra_channels=extra)(x, torch.full((2,), 10))
     x_in = net.calls[0]["x"]
     assert x_in.shape == (4, 9, 8, 8)
     assert torch.equal(x_in[:, :4], torch.cat([x, x])) and torch.equal(x_in[:, 4:], torch.cat([extra, extra]))
-    make_denoiser(net, cond, extra_channels=extra)(x, torch.full((2,), 10))
+    make_denoiser(bind_per_call(net), cond, extra_channels=extra)(x, torch.full((2,), 10))
     assert torch.equal(net.calls[1]["x"], torch.cat([x, extra], dim=1))
 
 
 def test_cfg_rejects_missing_or_mismatched_uncond_and_wrong_batch():
     net, (cond, uncond) = RecordingNet(), _conds()
     with pytest.raises(ValueError, match="needs an unconditional"):
-        make_cfg_denoiser(net, cond, None, 3.0)
+        make_cfg_denoiser(bind_per_call(net), cond, None, 3.0)
     with pytest.raises(ValueError, match="must equal cond shapes"):
-        make_cfg_denoiser(net, cond, (uncond[0][:, :3], uncond[1][:, :3]), 3.0)
+        make_cfg_denoiser(bind_per_call(net), cond, (uncond[0][:, :3], uncond[1][:, :3]), 3.0)
     with pytest.raises(ValueError, match="extra_channels"):
-        make_cfg_denoiser(net, cond, uncond, 3.0, extra_channels=torch.zeros(3, 5, 8, 8))
+        make_cfg_denoiser(bind_per_call(net), cond, uncond, 3.0, extra_channels=torch.zeros(3, 5, 8, 8))
     with pytest.raises(ValueError, match="expected x"):
-        make_cfg_denoiser(net, cond, uncond, 3.0)(torch.zeros(3, 4, 8, 8), torch.zeros(3, dtype=torch.long))
+        make_cfg_denoiser(bind_per_call(net), cond, uncond, 3.0)(torch.zeros(3, 4, 8, 8), torch.zeros(3, dtype=torch.long))
 
 
 def test_cfg_denoiser_drives_a_sampler_end_to_end():
     cond, uncond = _conds()
     net = lambda x, t, c, m: toy_denoiser(x, t) + c.mean(dim=(1, 2)).view(-1, 1, 1, 1) * 0.1  # noqa: E731
-    den = make_cfg_denoiser(net, cond, uncond, 3.0)
+    den = make_cfg_denoiser(bind_per_call(net), cond, uncond, 3.0)
     out = sample_original(den, start_noise(), original_timesteps(5), cosine_alphas_cumprod(),
                           generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out).all()
@@ -497,7 +503,7 @@ def test_hard_clip():
 
 
 def test_original30_grid_has_the_spec_noise_levels_and_label_lag():
-    """SPEC §5.6: on the 50-point grid, index i has the 1000-step ᾱ of 20·i + 19, not of its label 20·i."""
+    """architecture §5.6: on the 50-point grid, index i has the 1000-step ᾱ of 20·i + 19, not of its label 20·i."""
     grid, full = cosine_alphas_cumprod(50), cosine_alphas_cumprod()
     assert original30_timesteps(50)[:3] == [980, 960, 940] and original30_timesteps(50)[-1] == 0
     assert grid[0].item() == pytest.approx(0.998252, abs=1e-6) and grid[24].item() == pytest.approx(0.493844, abs=1e-6)

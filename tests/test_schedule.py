@@ -1,4 +1,4 @@
-"""Schedule values, forward-process helpers and timestep lists (SPEC §5.1, §5.2, §5.5, §5.7, §5.8, §6.6)."""
+"""Schedule values, forward-process helpers and timestep lists (architecture §5.1, §5.2, §5.5, §5.7, §5.8, §6.6)."""
 
 import math
 
@@ -10,8 +10,8 @@ from kandinsky3.diffusion import (
     check_timesteps,
     cosine_alphas_cumprod,
     cosine_betas,
-    default_timesteps,
     dpm_solver_timesteps,
+    eps_from_x0,
     img2img_timesteps,
     leading_timesteps,
     linspace_timesteps,
@@ -21,6 +21,7 @@ from kandinsky3.diffusion import (
     previous_timesteps,
     q_sample,
     trailing_timesteps,
+    x0_from_eps,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -37,8 +38,8 @@ def test_alphas_cumprod_bit_identical_to_diffusers_squaredcos_cap_v2():
     assert torch.equal(ac, ref.alphas_cumprod)
 
 
-# Rows of the SPEC §5.1 table: t, then (printed value, significant digits printed) for β_t, ᾱ_t, √ᾱ_t, SNR.
-SPEC_TABLE = [
+# Rows of the architecture §5.1 table: t, then (printed value, significant digits printed) for β_t, ᾱ_t, √ᾱ_t, SNR.
+SCHEDULE_TABLE = [
     (0, (4.12842e-5, 6), (0.999959, 6), (0.999979, 6), (2.42e4, 3)),
     (19, (1.33634e-4, 6), (0.998252, 6), (0.999126, 6), (571, 3)),
     (229, (1.20848e-3, 6), (0.868774, 6), (0.932080, 6), (6.62, 3)),
@@ -55,8 +56,8 @@ def _assert_rounds_to(value: float, printed: float, sig: int) -> None:
     assert abs(value - printed) <= 0.5 * unit * (1 + 1e-9), (value, printed, sig)
 
 
-@pytest.mark.parametrize("t, beta, ac, sqrt_ac, snr", SPEC_TABLE)
-def test_schedule_matches_spec_table(t, beta, ac, sqrt_ac, snr):
+@pytest.mark.parametrize("t, beta, ac, sqrt_ac, snr", SCHEDULE_TABLE)
+def test_schedule_matches_the_architecture_table(t, beta, ac, sqrt_ac, snr):
     b, a = cosine_betas()[t].item(), cosine_alphas_cumprod()[t].item()
     _assert_rounds_to(b, *beta)
     _assert_rounds_to(a, *ac)
@@ -82,6 +83,20 @@ def test_q_sample_predict_x0_predict_eps_round_trip():
     torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps)
     torch.testing.assert_close(predict_x0(x_t, eps, t, ac), x0, atol=2e-4, rtol=0)  # 1/√ᾱ_979 ≈ 32 amplifies ulps
     torch.testing.assert_close(predict_eps(x_t, x0, t, ac), eps, atol=2e-4, rtol=0)  # 1/√(1−ᾱ_0) ≈ 156 likewise
+
+
+def test_x0_from_eps_and_eps_from_x0_are_the_two_forms_of_the_forward_process():
+    """x_t = α·x₀ + σ·ε solved for x₀ and for ε, with the coefficients given (fp64: exact up to rounding)."""
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 2, 4, 4, 4, generator=g, dtype=torch.float64)  # two (2, 4, 4, 4) tensors
+    alpha, sigma = torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)
+    x_t = alpha * x0 + sigma * eps
+    torch.testing.assert_close(x0_from_eps(x_t, eps, alpha, sigma), x0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(eps_from_x0(x_t, x0, alpha, sigma), eps, atol=1e-12, rtol=0)
+    t, ac = torch.tensor([3, 700]), cosine_alphas_cumprod()
+    a = ac[t].view(-1, 1, 1, 1)
+    assert torch.equal(predict_x0(x_t.float(), eps.float(), t, ac),
+                       x0_from_eps(x_t.float(), eps.float(), a.sqrt(), (1 - a).sqrt()))
 
 
 def test_q_sample_matches_diffusers_add_noise():
@@ -123,16 +138,15 @@ def test_original_step_count_formula_over_all_steps():
         stride = -(-1000 // steps)
         n = len(original_timesteps(steps))
         assert n == -(-999 // stride) and n <= steps
-        # SPEC §5.5: equal for steps ≤ 36 and for divisors of 1000 except 1000 itself (999 steps, also in SPEC).
+        # architecture §5.5: equal for steps ≤ 36 and for divisors of 1000 except 1000 itself (999 steps).
         # Only this direction holds: some other counts also run in full (39, 42, …, 167), so "otherwise
-        # smaller" in the SPEC is too strong.
+        # smaller" would be too strong.
         if steps <= 36 or (1000 % steps == 0 and steps < 1000):
             assert n == steps, steps
 
 
 def test_flash_timesteps():
     assert FLASH_TIMESTEPS == (979, 729, 479, 229) == tuple(range(979, 0, -250))
-    assert default_timesteps("flash") == list(FLASH_TIMESTEPS)
 
 
 @pytest.mark.parametrize(
@@ -185,12 +199,6 @@ def test_img2img_strength_examples_from_spec():
     assert img2img_timesteps(leading_timesteps(25), 1.0) == leading_timesteps(25)
 
 
-def test_default_timesteps_per_sampler():
-    assert default_timesteps("original") == original_timesteps(50)
-    assert default_timesteps("ddpm") == leading_timesteps(25) and default_timesteps("ddpm", 10)[0] == 901
-    assert default_timesteps("dpmpp_2m", 10) == dpm_solver_timesteps(10)
-
-
 # ----------------------------------------------------------------------------------------------------- errors
 
 
@@ -226,10 +234,3 @@ def test_check_timesteps_rejects_bad_lists():
     with pytest.raises(ValueError, match="lie in"):
         check_timesteps([1000, 5], 1000)
     assert check_timesteps(torch.tensor([9, 3]), 1000) == [9, 3]
-
-
-def test_default_timesteps_rejects_unknown_sampler_and_flash_steps():
-    with pytest.raises(ValueError, match="unknown sampler"):
-        default_timesteps("euler")
-    with pytest.raises(ValueError, match="exactly the 4 timesteps"):
-        default_timesteps("flash", 50)

@@ -1,4 +1,4 @@
-"""Weights stored in one dtype, layers computing in another (kandinsky3.models.storage)."""
+"""Weights stored in one dtype, layers computing in another (kandinsky3.lowmem.storage)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from _checkpoints import TINY_UNET, make_unet, unet_inputs
 
 from kandinsky3 import get_T2I_pipeline
-from kandinsky3.models.storage import compute_dtype, compute_in, storage_dtype
+from kandinsky3.lowmem.storage import compute_dtype, compute_in, storage_dtype
 
 
 def test_bf16_storage_fp32_compute_equals_fp32_model_of_rounded_weights():

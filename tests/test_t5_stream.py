@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kandinsky3.weights.t5_stream import is_streamed, load_streamed_t5, should_stream, t5_weight_bytes
+from kandinsky3.lowmem.storage import compute_dtype, compute_in, is_streamed
+from kandinsky3.lowmem.t5_stream import load_streamed_t5, should_stream, t5_parameter_count, t5_weight_bytes
 from tests._checkpoints import _save_bin_shards
 from tests._tiny_text import tiny_t5_encoder
 
@@ -79,6 +80,7 @@ def test_auto_rule_compares_size_with_free_memory(tmp_path):
     parameters = sum(p.numel() for p in reference.parameters())
     assert t5_weight_bytes(tmp_path, None, torch.bfloat16) == 2 * parameters
     assert t5_weight_bytes(tmp_path, None, None) == 4 * parameters
+    assert t5_parameter_count(tmp_path, None) == parameters
     assert not should_stream(tmp_path, None, None, "cpu")  # a few KB never needs streaming
     assert not should_stream(tmp_path / "missing", None, None, "cpu")
 
@@ -93,6 +95,38 @@ def test_to_moves_and_casts_the_resident_part_and_later_blocks(tmp_path):
         expected = reference.to(torch.bfloat16)(input_ids=ids, attention_mask=mask)[0]
         got = streamed(input_ids=ids, attention_mask=mask)[0]
     assert torch.equal(got, expected)
+
+
+def test_compute_in_casts_a_streamed_t5_which_then_reads_its_weights_in_that_dtype(tmp_path):
+    reference = tiny_t5_encoder()
+    reference.save_pretrained(str(tmp_path))  # fp32 files
+    streamed = compute_in(load_streamed_t5(tmp_path, dtype=torch.bfloat16), torch.float32)
+    assert compute_dtype(streamed) == torch.float32
+    assert streamed.encoder.final_layer_norm.weight.dtype == torch.float32
+    assert not any("parametrizations" in name for name, _ in streamed.named_modules())
+    ids, mask = _inputs(reference.config.vocab_size)
+    with torch.inference_mode():
+        assert torch.equal(streamed(input_ids=ids, attention_mask=mask)[0],
+                           reference(input_ids=ids, attention_mask=mask)[0])
+
+
+def test_a_block_that_fails_still_drops_its_weights(tmp_path):
+    reference = tiny_t5_encoder()
+    reference.save_pretrained(str(tmp_path))
+    streamed = load_streamed_t5(tmp_path)
+
+    def fail(module, args):
+        raise RuntimeError("interrupted")
+
+    handle = streamed.encoder.block[1].layer[0].register_forward_pre_hook(fail)
+    ids, mask = _inputs(reference.config.vocab_size)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="interrupted"):
+            streamed(input_ids=ids, attention_mask=mask)
+        assert _materialised_block_params(streamed) == 0
+        handle.remove()
+        assert torch.equal(streamed(input_ids=ids, attention_mask=mask)[0],
+                           reference(input_ids=ids, attention_mask=mask)[0])
 
 
 def test_text_encoder_and_factory_options(tmp_path):

@@ -1,98 +1,146 @@
-"""Run configs (JSON round trip, unknown keys, overrides, recipes, shipped files), the caption tokenizer,
-the optimizers and learning-rate schedule, the EMA."""
+"""Run configs (JSON round trip, unknown and missing keys, types, overrides, recipes, shipped files, the command
+line), the caption tokenizer, the optimizers and learning-rate schedule, the EMA."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from _tiny_training import UNET, unet_config
+from _tiny_training import MOVQ, UNET, movq_config, unet_config
 
 from kandinsky3.data.shapes import ShapesDataset
 from kandinsky3.models.text_encoder import TextEncoder
-from kandinsky3.training.__main__ import build_parser
-from kandinsky3.training.config import (MoVQRunConfig, UNetRunConfig, apply_overrides, config_from_dict, load_config,
-                                        recipe_stages, save_config)
+from kandinsky3.models.unet_config import UNetConfig
+from kandinsky3.training.__main__ import build_parser, main
+from kandinsky3.training.caption_tokenizer import train_caption_tokenizer
+from kandinsky3.training.config import (MoVQTrainConfig, UNetTrainConfig, apply_overrides, config_to_dict,
+                                        load_config, load_run_configs, parse_config, recipe_stages, save_config)
 from kandinsky3.training.ema import EMA, ema_decay_at
 from kandinsky3.training.optim import Lion, build_optimizer, learning_rate
-from kandinsky3.training.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from kandinsky3.weights.t5 import load_t5_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_config_json_round_trip(tmp_path):
-    for config in (MoVQRunConfig(out_dir="x", betas=(0.5, 0.9)), unet_config(tmp_path, tmp_path / "movq")):
+    for config in (movq_config(tmp_path, MOVQ, "optim.betas=[0.5,0.9]"), unet_config(tmp_path, tmp_path / "movq")):
         save_config(config, tmp_path / "config.json")
         again = load_config(tmp_path / "config.json")
         assert again == config and type(again) is type(config)
-        assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
+        assert json.loads((tmp_path / "config.json").read_text()) == config_to_dict(config)
 
 
-def test_config_rejects_unknown_keys_and_names_them():
-    data = {**MoVQRunConfig().to_dict(), "learning_rate": 1e-3, "bogus": 1}
-    with pytest.raises(ValueError, match=r"unknown keys \['bogus', 'learning_rate'\]"):
-        config_from_dict(data)
-    with pytest.raises(ValueError, match="'run' must be one of"):
-        config_from_dict({"lr": 1.0})
-    with pytest.raises(ValueError, match="unknown keys"):  # inside the embedded model config too
-        config_from_dict({**MoVQRunConfig().to_dict(), "movq": {**MoVQRunConfig().movq, "width": 3}})
+def test_config_is_parsed_once_into_nested_typed_sections(tmp_path):
+    """Sections are frozen dataclasses; the architecture is a UNetConfig object, lists become tuples, ints
+    given for floats become floats."""
+    config = unet_config(tmp_path, tmp_path, "optim.lr=1", "data.resolution_buckets=[[8, 16]]",
+                         "data.dataset=folder", "data.data_root=x")
+    assert isinstance(config, UNetTrainConfig) and isinstance(config.model.unet, UNetConfig)
+    assert config.model.unet == UNET
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.data.resolution_buckets == ((8, 16),) and config.optim.betas == (0.9, 0.999)
+    with pytest.raises(AttributeError):
+        config.optim.lr = 2.0  # frozen
+
+
+def test_config_rejects_unknown_and_missing_keys_and_names_them(tmp_path):
+    data = config_to_dict(movq_config(tmp_path, MOVQ))
+    data["optim"]["learning_rate"] = 1e-3
+    del data["schedule"]["max_steps"]
+    with pytest.raises(ValueError, match=r"unknown keys \['optim.learning_rate'\]"):
+        parse_config(data)
+    del data["optim"]["learning_rate"]
+    with pytest.raises(ValueError, match=r"missing keys \['schedule.max_steps'\]"):
+        parse_config(data)
+    with pytest.raises(ValueError, match=r"missing keys \['samples'\]"):  # a whole section
+        parse_config({k: v for k, v in config_to_dict(unet_config(tmp_path, tmp_path)).items() if k != "samples"})
+    with pytest.raises(ValueError, match="'trainer' in"):
+        parse_config({"optim": {}})
+    with pytest.raises(ValueError, match=r"model: .*unknown keys \['width'\]"):  # inside the model architecture too
+        parse_config({**config_to_dict(movq_config(tmp_path, MOVQ)), "model": {**MOVQ.to_dict(), "width": 3}})
+
+
+def test_config_values_must_have_the_field_types(tmp_path):
+    data = config_to_dict(unet_config(tmp_path, tmp_path))
+    for key, value, message in [("optim.lr", '"fast"', "optim.lr must be of type float"),
+                                ("text.train_t5", "1", "text.train_t5 must be of type bool"),
+                                ("schedule.max_steps", "2.5", "schedule.max_steps must be of type int"),
+                                ("optim.betas", "[0.9]", "optim.betas must be a list of 2 entries"),
+                                ("samples.prompts", "[1]", r"samples.prompts\[0\] must be of type str")]:
+        with pytest.raises(ValueError, match=message):
+            parse_config(apply_overrides(data, [f"{key}={value}"]))
 
 
 def test_config_validation_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="num_channels=9"):
-        unet_config(tmp_path, tmp_path, mode="inpainting", init_unet="x")
-    with pytest.raises(ValueError, match="exactly one of text_encoder_path"):
-        unet_config(tmp_path, tmp_path, text_encoder_path="t5")
+        unet_config(tmp_path, tmp_path, "model.mode=inpainting", "model.init_unet=x")
+    with pytest.raises(ValueError, match="exactly one of text.encoder_path"):
+        unet_config(tmp_path, tmp_path, "text.encoder_path=t5")
     with pytest.raises(ValueError, match="not divisible by grad_accum"):
-        MoVQRunConfig(batch_size=10, grad_accum=3)
-    with pytest.raises(ValueError, match="optimizer must be one of"):
-        MoVQRunConfig(optimizer="sgd")
+        movq_config(tmp_path, MOVQ, "schedule.batch_size=10", "schedule.grad_accum=3")
+    with pytest.raises(ValueError, match="optim.name must be one of"):
+        movq_config(tmp_path, MOVQ, "optim.name=sgd")
+    with pytest.raises(ValueError, match="run.fsdp: the MoVQ trainer supports DDP only"):
+        movq_config(tmp_path, MOVQ, "run.fsdp=true")
 
 
-def test_overrides_parse_json_and_reach_into_model_dicts():
-    data = apply_overrides(MoVQRunConfig().to_dict(), ["lr=3e-4", "movq.ch=16", "out_dir=runs/a", "fsdp=true",
-                                                       "betas=[0.8,0.9]"])
-    config = config_from_dict(data)
-    assert config.lr == 3e-4 and config.movq["ch"] == 16 and config.out_dir == "runs/a" and config.fsdp is True
-    assert config.betas == (0.8, 0.9)
-    with pytest.raises(ValueError, match="key=value"):
+def test_overrides_parse_json_and_reach_into_model_dicts(tmp_path):
+    config = movq_config(tmp_path, MOVQ, "optim.lr=3e-4", "model.ch=16", "run.out_dir=runs/a", "optim.betas=[0.8,0.9]")
+    assert config.optim.lr == 3e-4 and config.model.ch == 16 and config.run.out_dir == "runs/a"
+    assert config.optim.betas == (0.8, 0.9) and isinstance(config, MoVQTrainConfig)
+    with pytest.raises(ValueError, match="section.key=value"):
         apply_overrides({}, ["lr"])
-    args = build_parser().parse_args(["c.json", "lr=1", "--resume"])
-    assert args.config == "c.json" and args.overrides == ["lr=1"] and args.resume
+    args = build_parser().parse_args(["c.json", "optim.lr=1", "--resume"])
+    assert args.config == "c.json" and args.overrides == ["optim.lr=1"] and args.resume
+
+
+def test_train_command_reports_a_bad_config_in_one_line(tmp_path, capsys):
+    """A mistake in the config file or an override ends the command with status 2 and the key's name."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config_to_dict(movq_config(tmp_path, MOVQ))))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), "optim.learnig_rate=1"])
+    assert exit_info.value.code == 2 and "unknown keys ['optim.learnig_rate']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(path), "--stage", "1"])
+    assert "--stage is for recipes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["small_movq", "small_unet", "small_inpainting", "smoke_movq", "smoke_unet"])
 def test_shipped_run_configs_load(name):
     config = load_config(CONFIGS / f"{name}.json")
-    assert config.out_dir.startswith("runs/")
+    assert config.run.out_dir.startswith("runs/")
 
 
 def test_full_recipe_has_the_report_schedule():
-    """SPEC §8: 256/384/512/768/mixed, 600k/500k/400k/250k/350k steps, global batch = per-GPU × GPUs; then
+    """architecture §8: 256/384/512/768/mixed, 600k/500k/400k/250k/350k steps, global batch = per-GPU × GPUs; then
     inpainting with Lion 1e-5, 10k warm-up, 250k steps; each stage starts from the previous export."""
     stages = recipe_stages(json.loads((CONFIGS / "kandinsky3_full_recipe.json").read_text()))
-    base = [s for s in stages if s.mode == "base"]
-    assert [s.image_size for s in base[:4]] == [256, 384, 512, 768]
-    assert all(768 * 768 <= h * w <= 1024 * 1024 for h, w in base[4].resolution_buckets)
-    assert [s.max_steps for s in base] == [600_000, 500_000, 400_000, 250_000, 350_000]
-    assert [s.batch_size for s in base] == [20 * 104, 10 * 104, 10 * 104, 4 * 416, 416]
-    assert all(not s.train_text_encoder and s.unet_config.num_channels == 4 for s in base)
+    base = [s for s in stages if s.model.mode == "base"]
+    assert [s.data.image_size for s in base[:4]] == [256, 384, 512, 768]
+    assert all(768 * 768 <= h * w <= 1024 * 1024 for h, w in base[4].data.resolution_buckets)
+    assert [s.schedule.max_steps for s in base] == [600_000, 500_000, 400_000, 250_000, 350_000]
+    assert [s.schedule.batch_size for s in base] == [20 * 104, 10 * 104, 10 * 104, 4 * 416, 416]
+    assert all(not s.text.train_t5 and s.model.unet.num_channels == 4 for s in base)
     inpainting = stages[-1]
-    assert (inpainting.mode, inpainting.optimizer, inpainting.lr, inpainting.warmup_steps, inpainting.max_steps) == (
-        "inpainting", "lion", 1e-5, 10_000, 250_000)
+    assert (inpainting.model.mode, inpainting.optim.name, inpainting.optim.lr, inpainting.schedule.warmup_steps,
+            inpainting.schedule.max_steps) == ("inpainting", "lion", 1e-5, 10_000, 250_000)
+    assert inpainting.model.unet == UNetConfig.from_dict({**base[0].model.unet.to_dict(), "num_channels": 9})
+    assert stages[0].text.encoder_path == "weights/flan_ul2_encoder" and stages[0].model.init_unet == ""
     for previous, stage in zip(stages, stages[1:]):
-        assert stage.init_unet == f"{previous.out_dir}/final/unet"
+        assert stage.model.init_unet == stage.text.encoder_path == f"{previous.run.out_dir}/final"
+    only = load_run_configs(CONFIGS / "kandinsky3_full_recipe.json", ["run.seed=3"], stage=2)
+    assert len(only) == 1 and only[0].run.out_dir == stages[2].run.out_dir and only[0].run.seed == 3
 
 
 def test_tokenizer_round_trips_captions_and_appends_eos(tmp_path):
     data = ShapesDataset(300, image_size=32, seed=1)
     captions = [data[i][1] for i in range(300)]
-    tokenizer = train_tokenizer(captions, vocab_size=256)
-    save_tokenizer(tokenizer, tmp_path)
-    loaded = load_tokenizer(tmp_path)
+    tokenizer = train_caption_tokenizer(captions, vocab_size=256)
+    tokenizer.save_pretrained(str(tmp_path))
+    loaded = load_t5_tokenizer(tmp_path)
     assert (loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id) == (0, 1, 2)
     assert len(loaded) <= 256
     for caption in captions:
@@ -148,9 +196,3 @@ def test_ema_update_warmup_and_exact_swap():
     with ema.swapped(model):
         assert torch.allclose(model.weight, 0.1 * start["weight"] + 0.9 * live)
     assert torch.equal(model.weight, live)  # restored bit for bit
-
-
-def test_unet_config_dict_is_embedded_verbatim(tmp_path):
-    config = unet_config(tmp_path, tmp_path)
-    assert isinstance(config, UNetRunConfig) and config.unet_config == UNET
-    assert math.isclose(config.cfg_dropout, 0.1)

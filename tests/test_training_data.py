@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from kandinsky3.data.shapes import ShapesDataset
-from kandinsky3.training.data import (DatasetBatches, FolderDataset, global_batch_indices, materialize_images,
-                                      sample_generator, step_generator)
+from kandinsky3.training.image_datasets import DatasetBatches, FolderDataset, materialize_images
+from kandinsky3.training.seeding import global_batch_indices, sample_generator, step_generator
 
 
 def _image(path, width, height, left_colour, right_colour):

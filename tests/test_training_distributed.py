@@ -1,7 +1,7 @@
 """Two gloo processes (torchrun, CPU) train to the same weights as one process with the same global batch.
 
 The global batch, its split into per-rank slices and every random draw are functions of (seed, step)
-only (kandinsky3.training.data), and each sample's text context does not depend on its batch, so the
+only (kandinsky3.training.seeding), and each sample's text context does not depend on its batch, so the
 two runs differ only by floating-point summation order (the DDP gradient all-reduce sums two
 half-batch means instead of one full-batch mean): 1e-5 bounds that after 3 AdamW steps.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_training import MOVQ, max_difference, movq_dir, one_thread, unet_config
+from _tiny_training import MOVQ, max_difference, movq_config, movq_dir, one_thread, unet_config
 
-from kandinsky3.training.config import MoVQRunConfig
-from kandinsky3.training.data import global_batch_indices, micro_slices
-from kandinsky3.training.loop import CHECKPOINT, load_checkpoint
+from kandinsky3.training.checkpoint import CHECKPOINT, load_checkpoint
+from kandinsky3.training.config import config_to_dict
+from kandinsky3.training.seeding import global_batch_indices, micro_slices
 from kandinsky3.training.train_movq import train_movq
 from kandinsky3.training.train_unet import train_unet
 
@@ -87,27 +87,29 @@ def test_rank_slices_partition_the_global_batch():
         micro_slices(10, 0, 2, 3)
 
 
+@pytest.mark.slow  # spawns processes / re-reads checkpoints: CI's second tier
 def test_two_process_unet_run_equals_one_process_run(tmp_path):
     """Base U-Net with a trained T5: 2 ranks × 2 micro-batches of 2 == 1 rank × 2 micro-batches of 4.
     Launched exactly as documented: torchrun -m kandinsky3.training CONFIG.json."""
     movq = movq_dir(tmp_path / "movq")
-    fields = dict(num_samples=16, data_seed=5, max_steps=3, batch_size=8, grad_accum=2, num_threads=1)
-    train_unet(unet_config(tmp_path / "one", movq, **fields))
-    two = unet_config(tmp_path / "two", movq, **fields)
-    torchrun(two.to_dict(), tmp_path / "two.json")
+    fields = ["schedule.max_steps=3", "schedule.batch_size=8", "schedule.grad_accum=2", "run.num_threads=1"]
+    train_unet(unet_config(tmp_path / "one", movq, *fields))
+    two = unet_config(tmp_path / "two", movq, *fields)
+    torchrun(config_to_dict(two), tmp_path / "two.json")
     compare(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow  # spawns processes / re-reads checkpoints: CI's second tier
 def test_two_process_movq_run_equals_one_process_run(tmp_path):
     """MoVQ with an EMA codebook updated from the gathered global batch, dead-code restarts and the
     patch discriminator with the adaptive weight (grad accumulation 1, so both runs compute the adaptive
     weight on the same samples). lr 1e-4: the attention key biases have an exactly zero true gradient, and
     Adam turns their ~1e-10 rounding noise into steps of about lr/100, so lr 1e-3 would put those
     parameters (only) at ~1e-5 apart."""
-    movq = {**MOVQ.to_dict(), "codebook_size": 16, "codebook_ema": True, "codebook_restart_after": 1}
-    fields = dict(movq=movq, image_size=32, num_samples=16, data_seed=5, batch_size=8, grad_accum=1, max_steps=3,
-                  lr=1e-4, disc_start=1, disc_channels=8, disc_layers=2, log_interval=1, sample_interval=0,
-                  checkpoint_interval=0, device="cpu", num_threads=1, ema_decay=0.9)
-    train_movq(MoVQRunConfig(out_dir=str(tmp_path / "one"), **fields))
-    forked(train_movq, MoVQRunConfig(out_dir=str(tmp_path / "two"), **fields))
+    model = type(MOVQ).from_dict({**MOVQ.to_dict(), "codebook_size": 16, "codebook_ema": True,
+                                  "codebook_restart_after": 1})
+    fields = ["schedule.batch_size=8", "schedule.grad_accum=1", "schedule.max_steps=3", "schedule.warmup_steps=0",
+              "optim.lr=1e-4", "run.num_threads=1"]
+    train_movq(movq_config(tmp_path / "one", model, *fields))
+    forked(train_movq, movq_config(tmp_path / "two", model, *fields))
     compare(tmp_path / "one", tmp_path / "two")

@@ -15,13 +15,15 @@ from kandinsky3.training.train_unet import train_unet
 _single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
+@pytest.mark.slow  # spawns processes / re-reads checkpoints: CI's second tier
 def test_two_process_fsdp_run_with_resume_equals_one_process_run(tmp_path):
     """Parameters become DTensor shards; the EMA is sharded like them; checkpoints hold gathered weights, EMA
     and optimizer state (keyed by name); the resumed run re-shards them. 2 steps + resume + 1 step == 3 steps."""
     movq = movq_dir(tmp_path / "movq")
-    fields = dict(num_samples=16, data_seed=5, batch_size=8, grad_accum=2, num_threads=1)
-    train_unet(unet_config(tmp_path / "one", movq, max_steps=3, **fields))
-    forked(train_unet, unet_config(tmp_path / "two", movq, fsdp=True, max_steps=2, sample_interval=2, **fields))
+    fields = ["schedule.batch_size=8", "schedule.grad_accum=2", "run.num_threads=1"]
+    train_unet(unet_config(tmp_path / "one", movq, "schedule.max_steps=3", *fields))
+    sharded = [*fields, "run.fsdp=true"]
+    forked(train_unet, unet_config(tmp_path / "two", movq, "schedule.max_steps=2", "run.sample_interval=2", *sharded))
     assert (tmp_path / "two" / "samples" / "step_000002.png").is_file()  # sampling runs on all ranks under FSDP
-    forked(train_unet, unet_config(tmp_path / "two", movq, fsdp=True, max_steps=3, **fields), resume=True)
+    forked(train_unet, unet_config(tmp_path / "two", movq, "schedule.max_steps=3", *sharded), resume=True)
     compare(tmp_path / "one", tmp_path / "two")

@@ -1,18 +1,18 @@
-"""Inpainting training pieces: random masks, the 9-channel input as the pipeline builds it, GLIDE init."""
+"""Inpainting training pieces: random masks, GLIDE init (the 9-channel input: tests/test_conditioning.py)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from _tiny_models import randomize_, tiny_components
+from _tiny_models import randomize_
 from _tiny_training import UNET, one_thread
 
 from kandinsky3.models.unet import UNet
-from kandinsky3.pipelines.inpainting import Kandinsky3InpaintingPipeline
-from kandinsky3.training.masks import SHAPE_KINDS, inpainting_conditioning, random_mask, random_masks
-from kandinsky3.training.unet_io import glide_init_state, load_init_unet
+from kandinsky3.training.initial_models import glide_init_state, load_init_unet
+from kandinsky3.training.inpainting_masks import SHAPE_KINDS, random_mask, random_masks
 
 _single_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -70,22 +70,6 @@ def test_random_mask_rejects_a_bad_range():
         random_mask(32, 32, torch.Generator(), (0.5, 0.2))
 
 
-def test_inpainting_input_equals_the_pipeline_construction():
-    """[keep, masked latent] from the trainer == the inference pipeline's ``_conditioning_channels`` for each
-    image (the pipeline encodes one image at a time, the trainer the batch: 1e-5 for batching rounding)."""
-    unet, movq, text_encoder = tiny_components(num_channels=9)
-    pipe = Kandinsky3InpaintingPipeline(unet, movq, text_encoder)
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.rand(3, 3, 16, 16, generator=generator) * 2 - 1
-    repaint = random_masks(16, 16, [torch.Generator().manual_seed(s) for s in range(3)])
-    ours = inpainting_conditioning(movq, pixels, repaint)
-    assert ours.shape == (3, 5, 8, 8)
-    for i in range(3):
-        theirs = pipe._conditioning_channels(pixels[i:i + 1], repaint[i:i + 1])
-        assert torch.equal(ours[i:i + 1, :1], theirs[:, :1])  # keep mask: exact
-        assert torch.allclose(ours[i:i + 1, 1:], theirs[:, 1:], atol=1e-5)
-
-
 def test_glide_init_reproduces_the_base_model_whatever_the_extra_channels():
     """Zero weights on the 5 new input channels: the 9-channel model's ε equals the base model's for any
     extra input (only the conv's summation order differs: 1e-5)."""
@@ -120,3 +104,21 @@ def test_load_init_unet_expands_a_base_folder_and_rejects_other_architectures(tm
     wider = type(UNET).from_dict({**UNET.to_dict(), "model_channels": 32})
     with pytest.raises(ValueError, match="model_channels"):
         load_init_unet(tmp_path, wider)
+
+
+def test_init_unet_may_be_any_model_folder(tmp_path):
+    """init_unet goes through the checkpoint reader: a native model folder (here the bundled small model, stored
+    in fp16) gives its U-Net's tensors, expanded to the inpainting input."""
+    from kandinsky3.weights.loading import load_unet
+
+    bundled = Path(__file__).resolve().parents[1] / "kandinsky3" / "assets" / "tiny" / "base"
+    base = load_unet(bundled)
+    target = type(base.config).from_dict({**base.config.to_dict(), "num_channels": 9})
+    state = load_init_unet(bundled, target)
+    inpaint = UNet(target)
+    inpaint.load_state_dict(state, strict=True)
+    assert torch.equal(inpaint.in_layer.weight[:, :4], base.in_layer.weight.float())
+    assert not inpaint.in_layer.weight[:, 4:].any()
+    expanded = inpaint.state_dict()
+    assert all(torch.equal(expanded[key], value.float()) for key, value in base.state_dict().items()
+               if key != "in_layer.weight")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_training import one_thread
+from _tiny_training import max_difference, movq_config, one_thread
 
 from kandinsky3.data.shapes import ShapesDataset
 from kandinsky3.models.movq import MoVQ, MoVQConfig
-from kandinsky3.training.config import MoVQRunConfig
-from kandinsky3.training.loop import CHECKPOINT, load_checkpoint
-from kandinsky3.training.train_movq import load_movq, rescale_latents_, train_movq
+from kandinsky3.training.checkpoint import CHECKPOINT, load_checkpoint
+from kandinsky3.training.train_movq import rescale_latents_, train_movq
+from kandinsky3.weights.loading import load_components
 
 _single_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -21,52 +21,25 @@ TINY_MOVQ = MoVQConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=
                        norm_groups=4, codebook_size=32, codebook_ema=True, codebook_restart_after=2)
 
 
-def _config(out_dir, **overrides) -> MoVQRunConfig:
-    fields = dict(
-        out_dir=str(out_dir), movq=TINY_MOVQ.to_dict(), image_size=32, batch_size=4, grad_accum=2,
-        max_steps=4, lr=1e-3, warmup_steps=2, ema_decay=0.9, log_interval=1, sample_interval=0,
-        checkpoint_interval=0, disc_start=1, disc_channels=8, disc_layers=2, device="cpu",
-    )
-    fields.update(overrides)
-    return MoVQRunConfig(**fields)
-
-
 def _dataset() -> ShapesDataset:
     return ShapesDataset(12, image_size=32, seed=3)
-
-
-def _flatten(state, prefix=""):
-    """Every tensor of a nested checkpoint dict, keyed by its path."""
-    out = {}
-    if isinstance(state, dict):
-        for key, value in state.items():
-            out.update(_flatten(value, f"{prefix}{key}/"))
-    elif isinstance(state, (list, tuple)):
-        for i, value in enumerate(state):
-            out.update(_flatten(value, f"{prefix}{i}/"))
-    elif isinstance(state, torch.Tensor):
-        out[prefix] = state
-    return out
 
 
 def test_movq_resume_continues_exactly(tmp_path):
     """2 steps, checkpoint, fresh objects, 2 more steps == 4 uninterrupted steps (model, EMA, optimizers,
     codebook statistics, discriminator). All CPU kernels are deterministic, so the match is exact;
     1e-6 is the stated bound."""
-    train_movq(_config(tmp_path / "straight"), dataset=_dataset())
-    train_movq(_config(tmp_path / "split", max_steps=2), dataset=_dataset())
+    train_movq(movq_config(tmp_path / "straight", TINY_MOVQ), dataset=_dataset())
+    train_movq(movq_config(tmp_path / "split", TINY_MOVQ, "schedule.max_steps=2"), dataset=_dataset())
     torch.manual_seed(1234)  # the global RNG must not matter
-    train_movq(_config(tmp_path / "split"), resume=True, dataset=_dataset())
+    train_movq(movq_config(tmp_path / "split", TINY_MOVQ), resume=True, dataset=_dataset())
     a = load_checkpoint(tmp_path / "straight" / CHECKPOINT)
     b = load_checkpoint(tmp_path / "split" / CHECKPOINT)
     assert a["step"] == b["step"] == 4
-    flat_a = _flatten({k: a[k] for k in ("model", "ema", "optimizer", "extra")})
-    flat_b = _flatten({k: b[k] for k in ("model", "ema", "optimizer", "extra")})
-    assert flat_a.keys() == flat_b.keys()
-    assert any(k.startswith("extra/disc/") for k in flat_a)  # the discriminator was on (disc_start=1)
-    for key in flat_a:
-        diff = (flat_a[key].double() - flat_b[key].double()).abs().max().item() if flat_a[key].numel() else 0.0
-        assert diff <= 1e-6, f"{key} differs by {diff}"
+    assert set(a["extra"]) == {"disc", "disc_optimizer", "disc_scaler"}  # the discriminator was on (disc.start=1)
+    worst, where = max_difference({k: a[k] for k in ("model", "ema", "optimizer", "extra")},
+                                  {k: b[k] for k in ("model", "ema", "optimizer", "extra")})
+    assert worst <= 1e-6, (where, worst)
     # the run changed the weights at all
     fresh = MoVQ(TINY_MOVQ).state_dict()
     assert not torch.equal(fresh["decoder.conv_out.weight"], a["model"]["decoder.conv_out.weight"])
@@ -94,18 +67,20 @@ def test_rescale_latents_keeps_reconstructions(tmp_path):
 
 
 def test_movq_export_loads_and_loss_falls(tmp_path):
-    """The exported movq.safetensors + movq_config.json load strictly; reconstruction loss falls over a short run;
-    the sample grid is written."""
-    config = _config(tmp_path, max_steps=30, disc_start=-1, batch_size=4, grad_accum=1, log_interval=5,
-                     sample_interval=30)
+    """The export is a model folder holding the MoVQ alone (training size as its sampling default) that the
+    project loader reads; reconstruction loss falls over a short run; the sample grid is written."""
+    config = movq_config(tmp_path, TINY_MOVQ, "schedule.max_steps=30", "disc.start=-1", "schedule.grad_accum=1",
+                         "run.log_interval=5", "run.sample_interval=30")
     train_movq(config, dataset=_dataset())
     assert (tmp_path / "samples" / "step_000030.png").is_file()
     rows = (tmp_path / "log.csv").read_text().splitlines()
     header = rows[0].split(",")
     l1 = [float(r.split(",")[header.index("l1")]) for r in rows[1:]]
     assert l1[-1] < 0.6 * l1[0], l1  # measured: about 0.34x after 30 steps
-    movq = load_movq(tmp_path)
-    assert movq.config == TINY_MOVQ
+    components = load_components(tmp_path / "final", components=("movq",))
+    movq = components.movq
+    assert movq.config == TINY_MOVQ and (components.sampling_defaults.width, components.sampling_defaults.height) == (
+        32, 32)
     images = torch.stack([_dataset()[i][0] for i in range(4)])
     with torch.no_grad():
         latents = movq.encode(images)

@@ -1,5 +1,5 @@
-"""U-Net trainer: overfitting a fixed batch, exact stop-and-resume, the training context equals the
-pipeline's single-prompt context, CFG dropout trains the null embedding, the export loads."""
+"""U-Net trainer: overfitting a fixed batch, exact stop-and-resume, a training sample sees what its prompt alone
+sees at inference, CFG dropout trains the null embedding, the export loads."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import torch
 from _tiny_text import tiny_text_encoder
 from _tiny_training import UNET, dataset, max_difference, movq_dir, one_thread, unet_config
 
+from kandinsky3.conditioning import encode_prompts, training_conditions
 from kandinsky3.models.text_encoder import TextEncoder
 from kandinsky3.models.unet import UNet, UNetConfig
-from kandinsky3.training.loop import CHECKPOINT, load_checkpoint
+from kandinsky3.training.checkpoint import CHECKPOINT, load_checkpoint
 from kandinsky3.training.optim import build_optimizer
-from kandinsky3.training.train_movq import load_movq
 from kandinsky3.training.train_unet import DiffusionModel, train_unet
+from kandinsky3.weights.loading import load_components, load_movq
 
 
 _single_thread = pytest.fixture(autouse=True)(one_thread)
@@ -57,10 +58,10 @@ def test_tiny_unet_overfits_a_fixed_batch(tmp_path):
     assert losses[-1] * 10 < losses[0], (losses[0], losses[-1])
 
 
-def test_training_context_equals_single_prompt_inference_context():
-    """Each sample of a batch gets the U-Net output its prompt alone gets in the pipeline (context of
-    length n+1, or null_context_like of it when dropped), although the batch is padded to the longest
-    prompt: the tail slots carry the mean so the unmasked pooling mean is unchanged (fp32: 1e-5)."""
+def test_training_batch_gives_the_unet_what_each_prompt_alone_gives_it_at_inference():
+    """Each sample of a padded, partly dropped training batch (training_conditions) gets the U-Net output its
+    prompt alone gets from the pipeline's conditioning (encode_prompts: cond, or uncond when dropped), although
+    the batch is padded to the longest prompt (fp32: 1e-5)."""
     model = _model(seed=1).eval()
     prompts = ["a red circle", "a large blue square in the center on a black background", "x", "a green triangle"]
     drop = torch.tensor([False, True, False, True])
@@ -69,13 +70,10 @@ def test_training_context_equals_single_prompt_inference_context():
     x = torch.randn(4, 4, 8, 8, generator=generator)
     t = torch.tensor([5, 500, 999, 250])
     with torch.no_grad():
-        context, context_mask = model.conditioning(ids, mask, drop)
-        batched = model.unet(x, t, context, context_mask)
+        batched = model.unet(x, t, *training_conditions(model.text_encoder, ids, mask, drop))
         for i, prompt in enumerate(prompts):
-            alone, alone_mask = model.text_encoder.encode([prompt])  # (1, n+1, C): the pipeline's cond context
-            if drop[i]:
-                alone, alone_mask = model.text_encoder.null_context_like(alone, alone_mask)
-            single = model.unet(x[i:i + 1], t[i:i + 1], alone, alone_mask)
+            alone = encode_prompts(model.text_encoder, [prompt], None, style="original", guided=True)
+            single = model.unet(x[i:i + 1], t[i:i + 1], *(alone.uncond if drop[i] else alone.cond))
             assert torch.allclose(batched[i:i + 1], single, atol=1e-5), (i, (batched[i] - single[0]).abs().max())
 
 
@@ -96,21 +94,21 @@ def test_cfg_dropout_trains_the_null_embedding():
 def test_unet_resume_continues_exactly(tmp_path, mode):
     """4 uninterrupted steps == 2 steps, checkpoint, new objects, resume, 2 steps: trained weights, EMA and
     optimizer state agree to 1e-6 (deterministic CPU kernels: measured exactly 0). Inpainting starts from
-    the base run's export (GLIDE init) and draws masks per step; the T5 there is frozen."""
+    the base run's exported model folder (GLIDE init) and draws masks per step; the T5 there is frozen."""
     movq = movq_dir(tmp_path / "movq")
-    extra = {}
+    extra: list[str] = []
     if mode == "inpainting":
-        train_unet(unet_config(tmp_path / "base", movq, max_steps=1), dataset=dataset())
+        train_unet(unet_config(tmp_path / "base", movq, "schedule.max_steps=1"), dataset=dataset())
         final = tmp_path / "base" / "final"
-        extra = dict(mode="inpainting", unet={**UNET.to_dict(), "num_channels": 9}, init_unet=str(final / "unet"),
-                     text_encoder_path=str(final / "text_encoder"), t5_config={}, train_text_encoder=False,
-                     optimizer="lion", lr=1e-4)
+        extra = ["model.mode=inpainting", "model.unet.num_channels=9", f"model.init_unet={final}",
+                 f"text.encoder_path={final}", "text.t5_config={}", "text.train_t5=false", "optim.name=lion",
+                 "optim.lr=1e-4"]
     # the uninterrupted run also writes a sample grid (EMA weights swapped in and out): training must not notice
-    train_unet(unet_config(tmp_path / "straight", movq, sample_interval=3, **extra), dataset=dataset())
+    train_unet(unet_config(tmp_path / "straight", movq, "run.sample_interval=3", *extra), dataset=dataset())
     assert (tmp_path / "straight" / "samples" / "step_000003.png").is_file()
-    train_unet(unet_config(tmp_path / "split", movq, max_steps=2, **extra), dataset=dataset())
+    train_unet(unet_config(tmp_path / "split", movq, "schedule.max_steps=2", *extra), dataset=dataset())
     torch.manual_seed(4321)  # the global RNG must not matter
-    train_unet(unet_config(tmp_path / "split", movq, **extra), resume=True, dataset=dataset())
+    train_unet(unet_config(tmp_path / "split", movq, *extra), resume=True, dataset=dataset())
     a = load_checkpoint(tmp_path / "straight" / CHECKPOINT)
     b = load_checkpoint(tmp_path / "split" / CHECKPOINT)
     assert a["step"] == b["step"] == 4
@@ -120,15 +118,18 @@ def test_unet_resume_continues_exactly(tmp_path, mode):
     assert ("text_encoder.t5.shared.weight" in a["model"]) == (mode == "base")  # a frozen T5 is not saved
 
 
-def test_export_loads_with_the_native_loader(tmp_path):
-    """final/ is a native kandinsky3 folder: the project loader builds the components and a pipeline runs."""
-    loading = pytest.importorskip("kandinsky3.weights.loading")
+def test_export_is_a_native_model_folder_with_the_training_size(tmp_path):
+    """final/ loads with the project loader (U-Net = the trained weights, null embedding kept), records the
+    training size and the sample grids' settings as the model's sampling defaults, and a pipeline runs."""
     from kandinsky3.pipelines.text_to_image import Kandinsky3Pipeline
 
-    train_unet(unet_config(tmp_path / "run", movq_dir(tmp_path / "movq"), max_steps=2, ema_decay=0.0),
+    train_unet(unet_config(tmp_path / "run", movq_dir(tmp_path / "movq"), "schedule.max_steps=2", "ema.decay=0"),
                dataset=dataset())
-    components = loading.load_components(tmp_path / "run" / "final")
+    components = load_components(tmp_path / "run" / "final")
     assert components.conditioning == "original" and components.variant == "base"
+    defaults = components.sampling_defaults
+    assert (defaults.width, defaults.height, defaults.guidance_scale, defaults.steps, defaults.sampler) == (
+        32, 32, 3.0, 3, "original")
     state = load_checkpoint(tmp_path / "run" / CHECKPOINT)["model"]
     for key, value in components.unet.state_dict().items():
         assert torch.equal(value, state[f"unet.{key}"]), key

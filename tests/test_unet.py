@@ -16,7 +16,7 @@ from kandinsky3.models.unet import UNet, UNetConfig, masked_attention
 from kandinsky3.weights.unet_keys import diffusers_to_original_unet, original_to_diffusers_unet
 
 DIFFUSERS_CONFIGS = {
-    # diffusers' own fast-test config (2 levels: every up level has attention, SPEC §10.2)
+    # diffusers' own fast-test config (2 levels: every up level has attention, architecture §10.2)
     "fast_test": dict(
         in_channels=4, time_embedding_dim=4, groups=2, attention_head_dim=4, layers_per_block=3,
         block_out_channels=(32, 64), cross_attention_dim=4, encoder_hid_dim=32,
@@ -123,7 +123,7 @@ def test_full_size_presets_have_the_published_parameter_counts():
     state = base.state_dict()
     assert len(state) == 1068
     assert tuple(inpainting.state_dict()["in_layer.weight"].shape) == (192, 9, 3, 3)
-    shapes = {  # SPEC §2.10 examples
+    shapes = {  # architecture §2.10 examples
         "to_time_embed.1.weight": (1536, 192),
         "feature_pooling.attention.to_key.weight": (1536, 4096),
         "feature_pooling.attention.output_layer.weight": (1536, 1536),
@@ -210,40 +210,123 @@ def test_forward_rejects_bad_inputs_early():
         ours(torch.randn(2, 4, 8, 8), torch.tensor([1, 2, 3]), ctx.expand(2, -1, -1), mask.expand(2, -1))
 
 
+def count_norm_projections(unet):
+    """A list that grows by one at every call of a conditional norm's projection Linear; and the hooks to remove."""
+    calls = []
+    hooks = [module.context_mlp[1].register_forward_hook(lambda *_: calls.append(1))
+             for module in unet.modules() if hasattr(module, "context_mlp")]
+    return calls, hooks
+
+
 @pytest.mark.parametrize("name", ["four_levels", "three_levels"])
-def test_precomputed_modulation_matches_diffusers_at_every_timestep(name):
-    """A table built once for a timestep list gives diffusers' ε at each of them (the per-call path's tolerance)."""
+def test_bound_unet_matches_diffusers_at_every_timestep_of_its_table(name):
+    """A binding built once for a timestep list gives diffusers' ε at each of them (the per-call path's tolerance)."""
     reference, ours, projection = make_pair(name)
     cfg = DIFFUSERS_CONFIGS[name]
     x, _, raw, mask = random_inputs(3, 4, 4 * ours.config.downsample_factor, cfg["encoder_hid_dim"])
     timesteps = [999, 600, 250, 3]
     with torch.no_grad():
         context = projection(raw)
-        table = ours.modulation_table(timesteps, context, mask)
+        bound = ours.bind(context, mask, timesteps)
         for t in timesteps:
             time = torch.full((3,), t)
             expected = reference(x, time, encoder_hidden_states=raw, encoder_attention_mask=mask.float()).sample
-            assert (ours(x, time, context, mask, modulation=table) - expected).abs().max() <= 1e-5
+            assert (bound(x, time) - expected).abs().max() <= 1e-5
     assert ours.modulation_width == sum(n.context_mlp[1].out_features for n in ours.modules()
                                         if hasattr(n, "context_mlp"))
-    assert [output.shape for output in table.outputs[:1]] == [(4, 3, table.outputs[0].shape[-1])]
+    assert bound.table is not None and bound.table.outputs[0].shape == (4, 3, bound.table.outputs[0].shape[-1])
 
 
-def test_precomputed_modulation_is_exact_in_fp64_and_refuses_other_timesteps_and_batches():
+def test_bound_unet_is_exact_in_fp64_and_falls_back_to_forward_off_its_table():
+    """In fp64 the table path equals the per-call forward (< 1e-12) without running a single norm projection; at a
+    timestep not in the table, or a batch of mixed timesteps, the binding computes them as forward does."""
     _, ours, projection = make_pair("three_levels")
     ours, projection = ours.double(), projection.double()
     x, _, raw, mask = random_inputs(2, 4, 16, DIFFUSERS_CONFIGS["three_levels"]["encoder_hid_dim"])
     x, raw = x.double(), raw.double()
+    norms = sum(hasattr(m, "context_mlp") for m in ours.modules())
     with torch.no_grad():
         context = projection(raw)
-        table = ours.modulation_table([800, 40], context, mask)
-        time = torch.tensor([40, 40])
-        assert (ours(x, time, context, mask, modulation=table) - ours(x, time, context, mask)).abs().max() < 1e-12
-        with pytest.raises(ValueError, match=r"covers timesteps \(800, 40\); got \[41, 41\]"):
-            ours(x, torch.tensor([41, 41]), context, mask, modulation=table)
-        with pytest.raises(ValueError, match="covers timesteps"):
-            ours(x, torch.tensor([800, 40]), context, mask, modulation=table)
-        with pytest.raises(ValueError, match="built for batch 2"):
-            ours(x[:1], time[:1], context[:1], mask[:1], modulation=table)
+        bound = ours.bind(context, mask, [800, 40])
+        calls, hooks = count_norm_projections(ours)
+        try:
+            for time in (torch.tensor([40, 40]), 40):
+                calls.clear()
+                got = bound(x, time)
+                assert not calls  # every norm read its table row
+                assert (got - ours(x, time, context, mask)).abs().max() < 1e-12
+            for time in (torch.tensor([41, 41]), torch.tensor([800, 40])):
+                calls.clear()
+                assert torch.equal(bound(x, time), ours(x, time, context, mask))
+                assert len(calls) == 2 * norms  # computed per call, by the binding and by forward
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+def test_bind_refuses_repeated_timesteps_and_latents_of_another_batch():
+    _, ours, projection = make_pair("three_levels")
+    x, _, raw, mask = random_inputs(2, 4, 16, DIFFUSERS_CONFIGS["three_levels"]["encoder_hid_dim"])
+    with torch.no_grad():
+        context = projection(raw)
         with pytest.raises(ValueError, match="distinct"):
-            ours.modulation_table([800, 800], context, mask)
+            ours.bind(context, mask, [800, 800])
+        bound = ours.bind(context, mask, [800, 40])
+        with pytest.raises(ValueError, match="latents of batch 1 for a text context of batch 2"):
+            bound(x[:1], torch.tensor([40]))
+        with pytest.raises(ValueError, match="context_mask must be"):
+            ours.bind(context, mask[:, :2], [40])
+
+
+def test_bind_builds_no_table_beyond_its_byte_limit():
+    """The table holds S·B·modulation_width values; over ``max_table_bytes`` every call computes the norms' inputs."""
+    _, ours, projection = make_pair("fast_test")
+    x, _, raw, mask = random_inputs(2, 4, 8, DIFFUSERS_CONFIGS["fast_test"]["encoder_hid_dim"])
+    with torch.no_grad():
+        context = projection(raw)
+        size = 2 * 2 * ours.modulation_width * 4  # two timesteps, batch 2, fp32
+        assert ours.bind(context, mask, [500, 20], max_table_bytes=size).table is not None
+        over = ours.bind(context, mask, [500, 20], max_table_bytes=size - 1)
+        assert over.table is None and ours.bind(context, mask).table is None
+        assert torch.equal(over(x, torch.tensor([20, 20])), ours(x, torch.tensor([20, 20]), context, mask))
+
+
+class StandInNetwork(torch.nn.Module):
+    """A network without ``bind``: ε = x·weight; records the text of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.texts = []
+
+    def forward(self, x, t, context, mask):
+        self.texts.append((context, mask))
+        return x * self.weight
+
+
+def test_pipeline_binder_binds_a_unet_once_and_gives_other_networks_the_text_at_every_call():
+    """The pipelines' binder: our U-Net precomputes the norms' inputs at bind time (none per call) and ε comes back
+    in the latents' dtype; a stand-in ``(x, t, context, mask) -> ε`` network gets the bound text at every call."""
+    from kandinsky3.pipelines.stages import network_binder
+
+    _, ours, projection = make_pair("fast_test")
+    x, _, raw, mask = random_inputs(2, 4, 8, DIFFUSERS_CONFIGS["fast_test"]["encoder_hid_dim"])
+    t = torch.tensor([40, 40])
+    with torch.no_grad():
+        context = projection(raw)
+        calls, hooks = count_norm_projections(ours)
+        try:
+            network = network_binder(ours, [800, 40])(context, mask)
+            at_bind = len(calls)
+            eps = network(x.double(), t)
+            assert at_bind == sum(hasattr(m, "context_mlp") for m in ours.modules()) and len(calls) == at_bind
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert eps.dtype == torch.float64
+        assert (eps.float() - ours(x, t, context, mask)).abs().max() <= 1e-5
+        stand_in = StandInNetwork()
+        network = network_binder(stand_in, [800, 40])(context, mask)
+        assert torch.equal(network(x, t), x) and torch.equal(network(x, t), x)
+    assert len(stand_in.texts) == 2
+    assert all(torch.equal(c, context) and torch.equal(m, mask) for c, m in stand_in.texts)

@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 from _checkpoints import assert_unet_matches, write_original
 
+from kandinsky3 import get_T2I_pipeline
 from kandinsky3.weights import (
     HubError,
+    convert,
     load_components,
     load_movq,
     load_text_encoder,
     load_unet,
+    open_checkpoint,
 )
 from kandinsky3.weights.hub import file_patterns, is_repo_id
 
@@ -81,6 +84,28 @@ def test_offline_without_cache_fails_fast_listing_files_and_the_fix(offline, rep
     message = str(info.value)
     assert repo_id in message and expected in message
     assert "HF_HUB_OFFLINE" in message and f"hf download {repo_id}" in message and "pass DIR as the path" in message
+
+
+WHOLE_31 = [
+    "weights/kandinsky3.pt", "weights/movq.pt", "weights/flan_ul2_encoder/config.json",
+    "weights/flan_ul2_encoder/pytorch_model.bin.index.json", "weights/flan_ul2_encoder/pytorch_model-*.bin",
+    "weights/flan_ul2_encoder/projection.pt",
+]
+
+
+WHOLE_MODEL_CALLS = {  # each needs every component of the repo
+    "open_checkpoint": lambda repo, tmp: open_checkpoint(repo),
+    "load_components": lambda repo, tmp: load_components(repo),
+    "convert": lambda repo, tmp: convert(repo, tmp / "out"),
+    "get_T2I_pipeline": lambda repo, tmp: get_T2I_pipeline("cpu", model=repo),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_MODEL_CALLS))
+def test_offline_whole_model_call_lists_every_file_it_needs_in_one_error(offline, tmp_path, name):
+    with pytest.raises(HubError) as info:
+        WHOLE_MODEL_CALLS[name]("ai-forever/Kandinsky3.1", tmp_path)
+    assert sorted(info.value.files) == sorted(WHOLE_31)
 
 
 def test_offline_text_encoder_of_the_diffusers_repo_lists_its_fp16_shards(offline):

@@ -1,19 +1,30 @@
-"""Diffusion: cosine schedule and timestep lists, the denoiser/CFG contract, and samplers as pure functions."""
+"""Diffusion: cosine schedule and timestep lists, the denoiser/CFG contract, samplers as pure functions, and the
+sampler table the pipelines, the CLI and the server read."""
 
 from .guidance import (
+    Bind,
     Condition,
     Denoiser,
     NetCall,
+    Network,
+    bind_per_call,
     dynamic_threshold,
     guided_eps,
     hard_clip,
     make_cfg_denoiser,
     make_denoiser,
 )
+from .registry import (
+    SAMPLER_TABLE,
+    SamplerEntry,
+    check_scheduler_config,
+    check_usable,
+    get_sampler,
+    sampler_names,
+    sampler_setup,
+    scheduler_config_timesteps,
+)
 from .samplers import (
-    DEFAULT_STEPS,
-    SAMPLERS,
-    default_timesteps,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -29,6 +40,7 @@ from .schedule import (
     cosine_alphas_cumprod,
     cosine_betas,
     dpm_solver_timesteps,
+    eps_from_x0,
     img2img_timesteps,
     leading_timesteps,
     linspace_timesteps,
@@ -39,22 +51,29 @@ from .schedule import (
     previous_timesteps,
     q_sample,
     trailing_timesteps,
+    x0_from_eps,
 )
 
 __all__ = [
+    "Bind",
     "Condition",
-    "DEFAULT_STEPS",
     "Denoiser",
     "FLASH_TIMESTEPS",
     "NUM_TRAIN_TIMESTEPS",
     "NetCall",
-    "SAMPLERS",
+    "Network",
+    "SAMPLER_TABLE",
+    "SamplerEntry",
+    "check_scheduler_config",
     "check_timesteps",
+    "bind_per_call",
+    "check_usable",
     "cosine_alphas_cumprod",
     "cosine_betas",
-    "default_timesteps",
     "dpm_solver_timesteps",
     "dynamic_threshold",
+    "eps_from_x0",
+    "get_sampler",
     "guided_eps",
     "hard_clip",
     "img2img_timesteps",
@@ -75,5 +94,9 @@ __all__ = [
     "sample_flash",
     "sample_original",
     "sample_original30",
+    "sampler_names",
+    "sampler_setup",
+    "scheduler_config_timesteps",
     "trailing_timesteps",
+    "x0_from_eps",
 ]

@@ -1,4 +1,4 @@
-"""Samplers as pure functions over an ε-predicting denoiser (SPEC §5.5–§5.8; STYLE §3, §5 habits 5, 6, 14).
+"""Samplers as pure functions over an ε-predicting denoiser (docs/architecture.md §5.5–§5.8).
 
 Every sampler has the leading signature
 
@@ -9,43 +9,41 @@ Every sampler has the leading signature
   runs in x's dtype; schedule arithmetic runs in fp32 (fp64 if x is fp64) and is moved to x's device once.
 * ``timesteps`` — descending ints (list, tuple or 1-D tensor) from the builders in ``schedule.py``.
 * ``alphas_cumprod`` — the (T,) ᾱ table (``cosine_alphas_cumprod()``).
-* ``generator`` — the only source of randomness (STYLE habit 6). Noise is drawn like diffusers' ``randn_tensor``:
+* ``generator`` — the only source of randomness. Noise is drawn like diffusers' ``randn_tensor``:
   ``torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype)`` then moved to x's device, so a CPU
   generator gives the same numbers on any device; a list of B generators draws sample by sample.
 * ``callback(info)`` — called once per step with ``{"step": i, "t": t, "x": x_t, "x0": x̂₀}`` (x_t is the
   step's input; observe only). ``progress`` — an iterable wrapper such as ``tqdm`` (the library shows none).
 
-Notation (SPEC §5; Ho et al. 2020 "DDPM"; Song et al. 2021 "DDIM"; Lu et al. 2022 "DPM-Solver++")
+Which timesteps, defaults and options each sampler runs with in the pipelines is one table, :mod:`.registry`.
+Every step starts the same way, :func:`_predict`: one network call, x̂₀ = (x_t − σ_t ε̂)/α_t
+(``schedule.x0_from_eps``), the optional ``x0_transform`` (thresholding) and, where the update needs it, ε̂
+re-derived from the transformed x̂₀. The loops below then only differ in their update.
+
+Notation (architecture §5; Ho et al. 2020 "DDPM"; Song et al. 2021 "DDIM"; Lu et al. 2022 "DPM-Solver++")
 
     code        symbol                  meaning
     a, a_prev   ᾱ_t, ᾱ_prev             cumulative product of alphas at t and at the step's target
+    alpha, sig  α_t = √ᾱ_t, σ_t = √(1−ᾱ_t)   signal and noise coefficients, x_t = α_t·x₀ + σ_t·ε
     eps         ε̂                       predicted noise (guided)
     x0          x̂₀                      predicted clean latent, after the optional ``x0_transform``
-    sigma       σ                       std of the fresh noise added by an ancestral step
-    alpha, sig  α_t = √ᾱ_t, σ_t = √(1−ᾱ_t)   VP marginal coefficients (DPM-Solver notation)
-    lam         λ_t = log(α_t/σ_t)      half log-SNR; h = λ_prev − λ_t is the step size
+    beta        β                       DDPM variance of the step: 1 − ᾱ_t/ᾱ_prev (strided), or the grid's β_i
+    sigma       σ                       std of the fresh noise added by an ancestral step (DDIM eq. 16)
+    lam         λ_t = log(α_t/σ_t)      half log-SNR; h = λ_next − λ_t is the step size
     d           D                       DPM-Solver++ data term: x̂₀, or x̂₀ + (x̂₀ − x̂₀_prev)·h/(2h_prev) (2M)
     z           z ~ N(0, I)             fresh Gaussian noise
 """
 
 from __future__ import annotations
 
-from types import MappingProxyType
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .guidance import Denoiser, hard_clip
-from .schedule import (
-    FLASH_TIMESTEPS,
-    check_timesteps,
-    cosine_betas,
-    dpm_solver_timesteps,
-    leading_timesteps,
-    original30_timesteps,
-    original_timesteps,
-)
+from .schedule import check_timesteps, cosine_betas, eps_from_x0, original30_timesteps, x0_from_eps
 
+Timesteps = Sequence[int] | torch.Tensor
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 X0Transform = Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
@@ -93,6 +91,46 @@ def _identity(x0: torch.Tensor) -> torch.Tensor:
     return x0
 
 
+def _predict(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    t: int,
+    alpha: torch.Tensor,
+    sig: torch.Tensor,
+    x0_transform: X0Transform | None = None,
+    recompute_eps: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε̂, x̂₀) of one network call at (x_t, t): x̂₀ = (x_t − σ_t ε̂)/α_t (architecture §5.2), then
+    ``x0_transform`` if given and, with ``recompute_eps``, ε̂ = (x_t − α_t x̂₀)/σ_t from the transformed x̂₀
+    (architecture §5.4 steps 1–4)."""
+    eps = denoiser(x, _t_batch(t, x))
+    x0 = x0_from_eps(x, eps, alpha, sig)
+    if x0_transform is not None:
+        x0 = x0_transform(x0)
+        if recompute_eps:
+            eps = eps_from_x0(x, x0, alpha, sig)
+    return eps, x0
+
+
+def _report(callback: Callback | None, step: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"step": step, "t": t, "x": x, "x0": x0})
+
+
+def _ddim_update(x0: torch.Tensor, eps: torch.Tensor, a_prev: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """DDIM eq. 12 before its noise term: √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev − σ²)·ε̂.
+
+    The root's argument is clamped at 0: rounding can take it just below 0 on a huge jump (one 999 → 0 step),
+    where the unclamped root would be NaN. The clamp changes no result that is not NaN without it.
+    """
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+
+
+def _add_noise(x: torch.Tensor, std: torch.Tensor, generator: GeneratorLike) -> torch.Tensor:
+    """x + std·z, z ~ N(0, I) from ``generator``: the ancestral part of a step."""
+    return x + std * _randn_like(x, generator)
+
+
 def _alpha_sigma(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t)), computed through the VE noise level s = √((1−ᾱ)/ᾱ) as α = 1/√(s²+1),
     σ = s·α — the route diffusers' DPM-Solver takes. At t = 999, x̂₀ = (x_t − σ_t ε̂)/α_t amplifies a 1-ulp
@@ -109,18 +147,11 @@ def _alpha_sigma(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sample_original(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    *,
-    eta: float = 1.0,
-    x0_transform: X0Transform | None = hard_clip,
-    generator: GeneratorLike = None,
-    callback: Callback | None = None,
-    progress: Progress | None = None,
+    denoiser: Denoiser, x: torch.Tensor, timesteps: Timesteps, alphas_cumprod: torch.Tensor, *,
+    eta: float = 1.0, x0_transform: X0Transform | None = hard_clip,
+    generator: GeneratorLike = None, callback: Callback | None = None, progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Kandinsky 3.1 sampler (SPEC §5.5): DDIM-form update with thresholded x̂₀ and re-derived ε̂.
+    """Kandinsky 3.1 sampler (architecture §5.5): DDIM-form update with thresholded x̂₀ and re-derived ε̂.
 
     Each step goes t → t_prev (the next entry; 0 after the last), so the last step targets ᾱ_0 = 0.999959
     (not 1) and returns that step's mean. ``eta`` sits INSIDE the square root of σ: eta = 1 (default) is
@@ -135,44 +166,33 @@ def sample_original(
     t_prev_all = ts[1:] + [0]
     for i in _steps(len(ts), progress):
         a, a_prev = a_all[i], a_prev_all[i]
-        # 1. Guided ε̂ and x̂₀ = (x_t − √(1−ᾱ_t)ε̂)/√ᾱ_t (SPEC §5.2, §5.4 step 1).
-        eps = denoiser(x, _t_batch(ts[i], x))
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        # 2. Threshold x̂₀, then recompute ε̂ = (x_t − √ᾱ_t x̂₀)/√(1−ᾱ_t) from it (SPEC §5.4 steps 2–4).
-        x0 = transform(x0)
-        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        if callback is not None:
-            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
-        # 3. σ = √(eta·(1 − ᾱ_t/ᾱ_prev)·(1 − ᾱ_prev)/(1 − ᾱ_t)) (SPEC §5.5; DDIM eq. 16 with η² = eta).
+        # 1. Guided ε̂, x̂₀ = (x_t − √(1−ᾱ_t)ε̂)/√ᾱ_t thresholded, ε̂ re-derived from it (architecture §5.4 steps 1–4).
+        eps, x0 = _predict(denoiser, x, ts[i], a.sqrt(), (1 - a).sqrt(), transform, recompute_eps=True)
+        _report(callback, i, ts[i], x, x0)
+        # 2. σ = √(eta·(1 − ᾱ_t/ᾱ_prev)·(1 − ᾱ_prev)/(1 − ᾱ_t)) (architecture §5.5; DDIM eq. 16 with η² = eta).
         sigma = (eta * (1 - a / a_prev) * (1 - a_prev) / (1 - a)).sqrt()
-        # 4. mean = √ᾱ_prev x̂₀ + √(1 − ᾱ_prev − σ²) ε̂ (DDIM eq. 12). The clamp only guards fp rounding into
-        #    negatives for huge jumps (e.g. one 999 → 0 step), where the original would produce NaN.
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        # 5. Ancestral noise, except on the step that lands on t_prev = 0 (the returned latent is the mean).
+        # 3. mean = √ᾱ_prev x̂₀ + √(1 − ᾱ_prev − σ²) ε̂ (DDIM eq. 12; the original gives NaN where the root's
+        #    argument rounds below 0, we give 0).
+        x = _ddim_update(x0, eps, a_prev, sigma)
+        # 4. Ancestral noise σ·z, except on the step that lands on t_prev = 0 (the returned latent is the mean).
         if eta > 0 and t_prev_all[i] != 0:
-            x = x + sigma * _randn_like(x, generator)
+            x = _add_noise(x, sigma, generator)
     return x
 
 
 def sample_original30(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor | None = None,
-    *,
+    denoiser: Denoiser, x: torch.Tensor, timesteps: Timesteps, alphas_cumprod: torch.Tensor | None = None, *,
     x0_transform: X0Transform | None = hard_clip,
-    generator: GeneratorLike = None,
-    callback: Callback | None = None,
-    progress: Progress | None = None,
+    generator: GeneratorLike = None, callback: Callback | None = None, progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Kandinsky 3.0 sampler (SPEC §5.6): ancestral DDPM on a cosine schedule rebuilt with T = S steps.
+    """Kandinsky 3.0 sampler (architecture §5.6): ancestral DDPM on a cosine schedule rebuilt with T = S steps.
 
     ``timesteps`` are the labels the U-Net is told, ``original30_timesteps(S)`` = (S−1)·k, …, k, 0 with
     k = 1000 // S; label i·k is grid index i. The noise levels come from ``cosine_betas(S)``, not from the
     1000-step table (``alphas_cumprod`` is accepted for the common signature and ignored), so label 20·i runs
     at the 1000-step noise level of 20·i + 19 — the original's 19-step lag, kept. Each step: x̂₀ =
     (x_t − √(1−ᾱ_i) ε̂)/√ᾱ_i on the grid, ``x0_transform``, then the DDPM posterior
-    mean = β_i√ᾱ_{i−1}/(1−ᾱ_i)·x̂₀ + (1−ᾱ_{i−1})√α_i/(1−ᾱ_i)·x_t plus std·z with the posterior
+    mean = β_i√ᾱ_{i−1}/(1−ᾱ_i)·x̂₀ + (1−ᾱ_{i−1})√(1−β_i)/(1−ᾱ_i)·x_t plus std·z with the posterior
     variance β_i(1−ᾱ_{i−1})/(1−ᾱ_i); no noise at index 0, which returns the mean.
     """
     del alphas_cumprod  # the grid is rebuilt from the number of steps
@@ -182,36 +202,28 @@ def sample_original30(
         raise ValueError(f"the 3.0 sampler takes original30_timesteps({steps}) = (S−1)·k … k, 0 with k = 1000 // S, "
                          f"got {labels[:4]}…")
     work = torch.promote_types(x.dtype, torch.float32)
-    beta = cosine_betas(steps).to(device=x.device, dtype=work)  # (S,) on the S-point grid
-    alpha = 1 - beta
-    a = torch.cumprod(alpha, dim=0)  # ᾱ_i
+    beta = cosine_betas(steps).to(device=x.device, dtype=work)  # (S,) β_i on the S-point grid
+    a = torch.cumprod(1 - beta, dim=0)  # ᾱ_i
     a_prev = torch.cat([a.new_ones(1), a[:-1]])  # ᾱ_{i−1}, 1 before index 0
     for step in _steps(steps, progress):
         i = steps - 1 - step  # grid index, S−1 → 0
-        eps = denoiser(x, _t_batch(labels[step], x))
-        x0 = (x - (1 - a[i]).sqrt() * eps) / a[i].sqrt()
-        x0 = x0_transform(x0) if x0_transform is not None else x0
-        if callback is not None:
-            callback({"step": step, "t": labels[step], "x": x, "x0": x0})
-        x = (beta[i] * a_prev[i].sqrt() * x0 + (1 - a_prev[i]) * alpha[i].sqrt() * x) / (1 - a[i])
+        # 1. ε̂ at label i·k; x̂₀ with the grid's ᾱ_i, thresholded (architecture §5.6).
+        _, x0 = _predict(denoiser, x, labels[step], a[i].sqrt(), (1 - a[i]).sqrt(), x0_transform)
+        _report(callback, step, labels[step], x, x0)
+        # 2. Posterior mean μ̃ = β_i√ᾱ_{i−1}/(1−ᾱ_i)·x̂₀ + (1−ᾱ_{i−1})√(1−β_i)/(1−ᾱ_i)·x_t (DDPM eq. 7).
+        x = (beta[i] * a_prev[i].sqrt() * x0 + (1 - a_prev[i]) * (1 - beta[i]).sqrt() * x) / (1 - a[i])
+        # 3. Posterior std √(β_i(1−ᾱ_{i−1})/(1−ᾱ_i)) (DDPM eq. 7); index 0 returns the mean.
         if i > 0:
-            std = (beta[i] * (1 - a_prev[i]) / (1 - a[i])).sqrt()
-            x = x + std * _randn_like(x, generator)
+            x = _add_noise(x, (beta[i] * (1 - a_prev[i]) / (1 - a[i])).sqrt(), generator)
     return x
 
 
 def sample_ddpm(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    *,
+    denoiser: Denoiser, x: torch.Tensor, timesteps: Timesteps, alphas_cumprod: torch.Tensor, *,
     x0_transform: X0Transform | None = hard_clip,
-    generator: GeneratorLike = None,
-    callback: Callback | None = None,
-    progress: Progress | None = None,
+    generator: GeneratorLike = None, callback: Callback | None = None, progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Strided ancestral DDPM, diffusers ``DDPMScheduler`` semantics (SPEC §5.8; Ho et al. 2020 eqs. 6–7).
+    """Strided ancestral DDPM, diffusers ``DDPMScheduler`` semantics (architecture §5.8; Ho et al. 2020 eqs. 6–7).
 
     Pass ``leading_timesteps(n)`` for the kandinsky-community config (``clip_sample=True``, ``steps_offset=1``,
     ``variance_type="fixed_small"``). The previous timestep is the next entry and ᾱ_prev = 1 after the last.
@@ -219,37 +231,26 @@ def sample_ddpm(
     Noise σ·z with σ² = (1−ᾱ_prev)/(1−ᾱ_t)·(1 − ᾱ_t/ᾱ_prev) is added on every step but the last, where
     σ = 0. (diffusers still draws a z there when t > 0 and adds √1e-20·z = 1e-10·z; we draw nothing.)
     """
-    transform = x0_transform or _identity
     ts, a_all, a_prev_all = _schedule(alphas_cumprod, x, timesteps, final=1.0)
     for i in _steps(len(ts), progress):
         a, a_prev = a_all[i], a_prev_all[i]
         beta = 1 - a / a_prev  # β_t of the strided jump
-        eps = denoiser(x, _t_batch(ts[i], x))
         # 1. x̂₀ from ε̂ (DDPM eq. 15), clipped/thresholded.
-        x0 = transform((x - (1 - a).sqrt() * eps) / a.sqrt())
-        if callback is not None:
-            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
+        _, x0 = _predict(denoiser, x, ts[i], a.sqrt(), (1 - a).sqrt(), x0_transform)
+        _report(callback, i, ts[i], x, x0)
         # 2. Posterior mean μ̃ = √ᾱ_prev β_t/(1−ᾱ_t) x̂₀ + √(ᾱ_t/ᾱ_prev)(1−ᾱ_prev)/(1−ᾱ_t) x_t (DDPM eq. 7).
         x = (a_prev.sqrt() * beta / (1 - a)) * x0 + ((a / a_prev).sqrt() * (1 - a_prev) / (1 - a)) * x
         # 3. "fixed_small" posterior variance β̃_t = (1−ᾱ_prev)/(1−ᾱ_t)·β_t; none on the final step.
         if i < len(ts) - 1:
-            x = x + ((1 - a_prev) / (1 - a) * beta).sqrt() * _randn_like(x, generator)
+            x = _add_noise(x, ((1 - a_prev) / (1 - a) * beta).sqrt(), generator)
     return x
 
 
 def sample_ddim(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    *,
-    eta: float = 0.0,
-    set_alpha_to_one: bool = True,
-    x0_transform: X0Transform | None = None,
+    denoiser: Denoiser, x: torch.Tensor, timesteps: Timesteps, alphas_cumprod: torch.Tensor, *,
+    eta: float = 0.0, set_alpha_to_one: bool = True, x0_transform: X0Transform | None = None,
     recompute_eps: bool = True,
-    generator: GeneratorLike = None,
-    callback: Callback | None = None,
-    progress: Progress | None = None,
+    generator: GeneratorLike = None, callback: Callback | None = None, progress: Progress | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) with diffusers ``DDIMScheduler`` semantics; η = 0 is deterministic.
 
@@ -265,35 +266,23 @@ def sample_ddim(
     ts, a_all, a_prev_all = _schedule(alphas_cumprod, x, timesteps, final=1.0 if set_alpha_to_one else None)
     for i in _steps(len(ts), progress):
         a, a_prev = a_all[i], a_prev_all[i]
-        eps = denoiser(x, _t_batch(ts[i], x))
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        if x0_transform is not None:
-            x0 = x0_transform(x0)
-            if recompute_eps:
-                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        if callback is not None:
-            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # DDIM eq. 16
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+        # 1. x̂₀ = (x_t − √(1−ᾱ_t)ε̂)/√ᾱ_t (DDIM eq. 12, "predicted x₀"), optionally transformed.
+        eps, x0 = _predict(denoiser, x, ts[i], a.sqrt(), (1 - a).sqrt(), x0_transform, recompute_eps=recompute_eps)
+        _report(callback, i, ts[i], x, x0)
+        # 2. σ = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)) (DDIM eq. 16).
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        # 3. x_prev = √ᾱ_prev x̂₀ + √(1−ᾱ_prev−σ²) ε̂ + σ·z (DDIM eq. 12), z drawn on every step when η > 0.
+        x = _ddim_update(x0, eps, a_prev, sigma)
         if eta > 0:
-            x = x + sigma * _randn_like(x, generator)
+            x = _add_noise(x, sigma, generator)
     return x
 
 
 def sample_dpmpp_2m(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    *,
-    final_sigmas_type: str = "zero",
-    lower_order_final: bool = True,
-    euler_at_final: bool = False,
-    x0_transform: X0Transform | None = None,
-    sde: bool = False,
-    generator: GeneratorLike = None,
-    callback: Callback | None = None,
-    progress: Progress | None = None,
+    denoiser: Denoiser, x: torch.Tensor, timesteps: Timesteps, alphas_cumprod: torch.Tensor, *,
+    final_sigmas_type: str = "zero", lower_order_final: bool = True, euler_at_final: bool = False,
+    x0_transform: X0Transform | None = None, sde: bool = False,
+    generator: GeneratorLike = None, callback: Callback | None = None, progress: Progress | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, Alg. 2); deterministic.
 
@@ -317,13 +306,9 @@ def sample_dpmpp_2m(
     x0_prev = h_prev = None
     for i in _steps(n, progress):
         alpha_next, sig, sig_next = alpha_next_all[i], sig_all[i], sig_next_all[i]
-        eps = denoiser(x, _t_batch(ts[i], x))
-        # 1. Data prediction x̂₀ = (x_t − σ_t ε̂)/α_t (DPM-Solver++ §3).
-        x0 = (x - sig * eps) / alpha_all[i]
-        if x0_transform is not None:
-            x0 = x0_transform(x0)
-        if callback is not None:
-            callback({"step": i, "t": ts[i], "x": x, "x0": x0})
+        # 1. Data prediction x̂₀ = (x_t − σ_t ε̂)/α_t (DPM-Solver++ §3), optionally transformed.
+        _, x0 = _predict(denoiser, x, ts[i], alpha_all[i], sig, x0_transform)
+        _report(callback, i, ts[i], x, x0)
         h = lam_next_all[i] - lam_all[i]
         # 2. First order uses D = x̂₀. Second order (midpoint, Alg. 2) extrapolates it to the middle of the step:
         #    D = x̂₀ + (1/(2r))(x̂₀ − x̂₀_prev), r = h_prev/h. The SDE variant uses the same D.
@@ -345,11 +330,7 @@ def sample_dpmpp_2m(
 
 
 def sample_dpmpp_2m_sde(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    **options,
+    denoiser: Denoiser, x: torch.Tensor, timesteps: Timesteps, alphas_cumprod: torch.Tensor, **options
 ) -> torch.Tensor:
     """SDE-DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, the SDE variant); stochastic.
 
@@ -366,16 +347,10 @@ def sample_dpmpp_2m_sde(
 
 
 def sample_flash(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    timesteps: Sequence[int] | torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    *,
-    generator: GeneratorLike = None,
-    callback: Callback | None = None,
-    progress: Progress | None = None,
+    denoiser: Denoiser, x: torch.Tensor, timesteps: Timesteps, alphas_cumprod: torch.Tensor, *,
+    generator: GeneratorLike = None, callback: Callback | None = None, progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Kandinsky Flash (3.1, ``gan=True``; SPEC §5.7): re-noise, one call, take x̂₀ — four times.
+    """Kandinsky Flash (3.1, ``gan=True``; architecture §5.7): re-noise, one call, take x̂₀ — four times.
 
     img starts as ``x`` (pure noise). At every t, including the first, img is re-noised with fresh noise,
     x_t = √ᾱ_t·img + √(1−ᾱ_t)·z, exactly as the original's ``q_sample(img, t)`` (at the first step x_t is
@@ -386,52 +361,10 @@ def sample_flash(
     ts, a_all, _ = _schedule(alphas_cumprod, x, timesteps, final=None)
     img = x
     for i in _steps(len(ts), progress):
-        a = a_all[i]
-        x_t = a.sqrt() * img + (1 - a).sqrt() * _randn_like(img, generator)
-        eps = denoiser(x_t, _t_batch(ts[i], x_t))
-        img = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-        if callback is not None:
-            callback({"step": i, "t": ts[i], "x": x_t, "x0": img})
+        alpha, sig = a_all[i].sqrt(), (1 - a_all[i]).sqrt()
+        # 1. Re-noise the current estimate with fresh noise: x_t = α_t·img + σ_t·z (the original's q_sample).
+        x_t = alpha * img + sig * _randn_like(img, generator)
+        # 2. One conditional-only call; the estimate becomes x̂₀ = (x_t − σ_t ε̂)/α_t.
+        _, img = _predict(denoiser, x_t, ts[i], alpha, sig)
+        _report(callback, i, ts[i], x_t, img)
     return img
-
-
-# Read-only registries (STYLE habit 7: nothing module-level is mutable).
-SAMPLERS: Mapping[str, Callable[..., torch.Tensor]] = MappingProxyType(
-    {
-        "original": sample_original,
-        "original30": sample_original30,
-        "ddpm": sample_ddpm,
-        "ddim": sample_ddim,
-        "dpmpp_2m": sample_dpmpp_2m,
-        "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-        "flash": sample_flash,
-    }
-)
-
-DEFAULT_STEPS: Mapping[str, int] = MappingProxyType(
-    {"original": 50, "original30": 50, "ddpm": 25, "ddim": 50, "dpmpp_2m": 25, "dpmpp_2m_sde": 25, "flash": len(FLASH_TIMESTEPS)}
-)
-
-
-def default_timesteps(sampler: str, steps: int | None = None) -> list[int]:
-    """The timestep list each sampler is normally run with (``steps`` None → the sampler's default count).
-
-    original → ``original_timesteps(steps)`` (default 50); original30 → ``original30_timesteps(steps)`` (50); ddpm and ddim → ``leading_timesteps(steps, offset=1)``,
-    the kandinsky-community scheduler spacing (defaults 25 and 50); dpmpp_2m and dpmpp_2m_sde →
-    ``dpm_solver_timesteps(steps)``, diffusers' default "linspace" (default 25); flash → ``FLASH_TIMESTEPS``
-    (only 4 steps exist; any other ``steps`` is an error rather than silently ignored as in the original).
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-    n = DEFAULT_STEPS[sampler] if steps is None else steps
-    if sampler == "flash":
-        if n != len(FLASH_TIMESTEPS):
-            raise ValueError(f"flash runs exactly the 4 timesteps {FLASH_TIMESTEPS}, got steps={n}")
-        return list(FLASH_TIMESTEPS)
-    if sampler == "original":
-        return original_timesteps(n)
-    if sampler == "original30":
-        return original30_timesteps(n)
-    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
-        return dpm_solver_timesteps(n)
-    return leading_timesteps(n, offset=1)

@@ -1,4 +1,4 @@
-"""Noise schedule, forward process and timestep lists for Kandinsky 3 (SPEC §5.1, §5.2, §5.5, §5.7, §5.8, §6.6).
+"""Noise schedule, forward process and timestep lists (docs/architecture.md §5.1, §5.2, §5.5–§5.8, §6.6).
 
 Everything here is a pure builder: no state, no randomness, no device globals.
 
@@ -6,19 +6,20 @@ Conventions
 -----------
 * ``alphas_cumprod`` is the fp32 table ᾱ of shape (T,), T = 1000, indexed by the integer timestep t ∈ [0, T).
 * A timestep list is a python ``list[int]``, strictly descending (the order the sampler walks it).
-* The network predicts ε (SPEC §5.2): x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε and x̂₀ = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t.
+* The network predicts ε (architecture §5.2): x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε, so x̂₀ = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t
+  (:func:`x0_from_eps`, the one place that formula is written).
 
 Timestep families
 -----------------
 * ``original_timesteps``  — the Kandinsky 3.1 list: 999 downward with stride ceil(1000/steps), stopping above 0
-  (SPEC §5.5); each step goes to the next entry and the last one goes to t_prev = 0.
+  (architecture §5.5); each step goes to the next entry and the last one goes to t_prev = 0.
 * ``leading_timesteps``   — diffusers ``timestep_spacing="leading"`` (DDPM/DDIM); the kandinsky-community
-  scheduler uses it with ``steps_offset=1`` (SPEC §5.8).
+  scheduler uses it with ``steps_offset=1`` (architecture §5.8).
 * ``linspace_timesteps`` / ``trailing_timesteps`` — the other two diffusers DDPM/DDIM spacings.
 * ``dpm_solver_timesteps`` — what ``DPMSolverMultistepScheduler.set_timesteps`` builds (n + 1 grid points, the
   final 0 dropped; default spacing "linspace").
-* ``FLASH_TIMESTEPS``     — the fixed Kandinsky Flash list (SPEC §5.7).
-* ``img2img_timesteps``   — diffusers' strength truncation (SPEC §6.6).
+* ``FLASH_TIMESTEPS``     — the fixed Kandinsky Flash list (architecture §5.7).
+* ``img2img_timesteps``   — diffusers' strength truncation (architecture §6.6).
 
 The diffusers-spacing builders use numpy on purpose: they reproduce diffusers' float64 arithmetic and its
 round-half-to-even so the lists are identical, not merely close.
@@ -34,23 +35,24 @@ import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
 
-# Kandinsky Flash (3.1, gan=True): range(979, 0, -250) in the original (SPEC §5.7).
+# Kandinsky Flash (3.1, gan=True): range(979, 0, -250) in the original (architecture §5.7).
 FLASH_TIMESTEPS: tuple[int, ...] = (979, 729, 479, 229)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Noise schedule (SPEC §5.1)
+# Noise schedule (architecture §5.1)
 # --------------------------------------------------------------------------------------------------------------
 
 
 def _cosine_alpha_bar(s: float) -> float:
     """Continuous cosine ᾱ(s) = cos²(((s + 0.008)/1.008)·π/2), s ∈ [0, 1] (Nichol & Dhariwal 2021, eq. 17)."""
-    # Written left to right exactly as the SPEC formula so the float64 result is reproducible bit for bit.
+    # Written left to right exactly as the formula of architecture §5.1, so the float64 result is reproduced bit for
+    # bit.
     return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
 
 def cosine_betas(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.999) -> torch.Tensor:
-    """(T,) fp32 betas β_i = min(1 − ᾱ((i+1)/T)/ᾱ(i/T), max_beta), computed in float64 then cast (SPEC §5.1)."""
+    """(T,) fp32 betas β_i = min(1 − ᾱ((i+1)/T)/ᾱ(i/T), max_beta), in float64 then cast (architecture §5.1)."""
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
     betas = [
@@ -63,14 +65,14 @@ def cosine_betas(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, max_beta: float
 def cosine_alphas_cumprod(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """(T,) fp32 ᾱ_t = ∏_{i≤t}(1 − β_i), the cumulative product taken in fp32.
 
-    Bit-identical to ``diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod`` (SPEC §5.1):
+    Bit-identical to ``diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod`` (architecture §5.1):
     ᾱ_0 = 0.999959, ᾱ_999 = 2.42873e-9.
     """
     return torch.cumprod(1.0 - cosine_betas(num_train_timesteps), dim=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Forward process and ε ↔ x₀ conversions (SPEC §5.2)
+# Forward process and ε ↔ x₀ conversions (architecture §5.2)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -94,20 +96,34 @@ def q_sample(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alphas_
     return a**0.5 * x0 + (1 - a) ** 0.5 * eps
 
 
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x̂₀ = (x_t − σ_t·ε̂)/α_t with α_t = √ᾱ_t and σ_t = √(1−ᾱ_t) given (architecture §5.2).
+
+    The one place this formula is written: every sampler and :func:`predict_x0` call it. The coefficients are
+    passed, not ᾱ_t, because samplers hold them per step and DPM-Solver computes them by its own route.
+    """
+    return (x_t - sigma * eps) / alpha
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """ε̂ = (x_t − α_t·x̂₀)/σ_t, the inverse of :func:`x0_from_eps` (architecture §5.4 step 4)."""
+    return (x_t - alpha * x0) / sigma
+
+
 def predict_x0(
     x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor
 ) -> torch.Tensor:
-    """x̂₀ = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t for (B, C, H, W) tensors and (B,) long t (SPEC §5.2)."""
+    """x̂₀ = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t for (B, C, H, W) tensors and (B,) long t (or an int; architecture §5.2)."""
     a = _gather(alphas_cumprod, t, x_t)
-    return (x_t - (1 - a) ** 0.5 * eps) / a**0.5
+    return x0_from_eps(x_t, eps, a**0.5, (1 - a) ** 0.5)
 
 
 def predict_eps(
     x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor
 ) -> torch.Tensor:
-    """ε̂ = (x_t − √ᾱ_t·x̂₀)/√(1−ᾱ_t) for (B, C, H, W) tensors and (B,) long t (SPEC §5.4 step 4)."""
+    """ε̂ = (x_t − √ᾱ_t·x̂₀)/√(1−ᾱ_t) for (B, C, H, W) tensors and (B,) long t (or an int; architecture §5.4)."""
     a = _gather(alphas_cumprod, t, x_t)
-    return (x_t - a**0.5 * x0) / (1 - a) ** 0.5
+    return eps_from_x0(x_t, x0, a**0.5, (1 - a) ** 0.5)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,7 +139,7 @@ def _check_steps(steps: int, num_train_timesteps: int) -> None:
 
 
 def original_timesteps(steps: int = 50, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
-    """Kandinsky 3.1 list ``range(T−1, 0, −(T // steps))`` read literally (SPEC §5.5).
+    """Kandinsky 3.1 list ``range(T−1, 0, −(T // steps))`` read literally (architecture §5.5).
 
     ``-1000 // steps`` floors a negative number, so the stride is ceil(1000/steps): 50 → 999, 979, …, 19;
     25 → 999, 959, …, 39. The length is ceil(999/stride), which is smaller than ``steps`` for some values
@@ -136,8 +152,8 @@ def original_timesteps(steps: int = 50, num_train_timesteps: int = NUM_TRAIN_TIM
 
 
 def original30_timesteps(steps: int = 50, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
-    """Kandinsky 3.0 labels (SPEC §5.6): (S−1)·k, …, k, 0 with k = T // S — the timesteps the U-Net is told while
-    the 3.0 sampler walks its own S-point cosine grid (50 → 980, 960, …, 20, 0)."""
+    """Kandinsky 3.0 labels (architecture §5.6): (S−1)·k, …, k, 0 with k = T // S — the timesteps the U-Net is
+    told while the 3.0 sampler walks its own S-point cosine grid (50 → 980, 960, …, 20, 0)."""
     _check_steps(steps, num_train_timesteps)
     scale = num_train_timesteps // steps
     return [i * scale for i in reversed(range(steps))]
@@ -149,7 +165,7 @@ def previous_timesteps(timesteps: Sequence[int], last: int = 0) -> list[int]:
 
 
 def leading_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, offset: int = 1) -> list[int]:
-    """diffusers "leading" spacing: t_k = k·(T // steps) + offset, descending (SPEC §5.8).
+    """diffusers "leading" spacing: t_k = k·(T // steps) + offset, descending (architecture §5.8).
 
     25 steps → 961, 921, …, 41, 1; 50 → 981, …, 21, 1; 5 → 801, 601, 401, 201, 1. ``offset`` is diffusers'
     ``steps_offset`` (1 in the kandinsky-community config, 0 in the DDIM/DDPM class defaults).
@@ -204,7 +220,7 @@ def dpm_solver_timesteps(
 
 
 def img2img_timesteps(timesteps: Sequence[int], strength: float) -> list[int]:
-    """Keep the last min(int(n·strength), n) entries of an n-step list (diffusers img2img, SPEC §6.6).
+    """Keep the last min(int(n·strength), n) entries of an n-step list (diffusers img2img, architecture §6.6).
 
     Defaults (leading, n = 25, strength 0.3) keep 7 steps 241, 201, …, 1; strength 0.75 keeps 18 steps from 681.
     The start latent is ``q_sample(x0, noise, first kept t)``. Raises ValueError when no step would remain.

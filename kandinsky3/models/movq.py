@@ -1,7 +1,7 @@
 """MoVQ autoencoder of Kandinsky 3 (Sber-MoVQGAN 270M): images (B,3,H,W) in [-1,1] <-> latents (B,4,H/8,W/8).
 
 References:
-- SPEC.md §3 (structure, encode/decode semantics, original key names) and §3.5 (diffusers names).
+- docs/architecture.md §3 (structure, encode/decode semantics, original key names) and §3.5 (diffusers names).
 - Zheng et al., "MoVQ: Modulating Quantized Vectors for High-Fidelity Image Generation", arXiv 2209.09002
   (the spatially conditioned decoder norm, ``SpatialNorm``).
 - Esser et al., "Taming Transformers", arXiv 2012.09841 (encoder/decoder layout, ResnetBlock, AttnBlock).
@@ -116,7 +116,7 @@ class MoVQConfig:
 
     @classmethod
     def kandinsky3(cls) -> "MoVQConfig":
-        """The released 270M MoVQ of Kandinsky 3.0/3.1 (SPEC §3.1), without a codebook."""
+        """The released 270M MoVQ of Kandinsky 3.0/3.1 (architecture §3.1), without a codebook."""
         return cls()
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +156,7 @@ class PlainNorm(nn.Module):
 class SpatialNorm(nn.Module):
     """MoVQ decoder norm: GN(f) * conv_y(zq') + conv_b(zq'), zq' = nearest resize of zq to f's H×W.
 
-    f: (B,C,H,W) features; zq: (B,z,h,w) latents (the raw decoder input, SPEC §3.3). Returns (B,C,H,W).
+    f: (B,C,H,W) features; zq: (B,z,h,w) latents (the raw decoder input, architecture §3.3). Returns (B,C,H,W).
     """
 
     def __init__(self, channels: int, zq_channels: int, groups: int):
@@ -490,7 +490,7 @@ class VectorQuantizer(nn.Module):
 class MoVQ(nn.Module):
     """Kandinsky 3 MoVQ: ``encode`` (B,3,H,W) in [-1,1] -> (B,z,H/f,W/f) raw latents; ``decode`` the reverse.
 
-    f = ``config.downsample_factor`` (8 for the released model). No scaling factor anywhere (SPEC §3.3).
+    f = ``config.downsample_factor`` (8 for the released model). No scaling factor anywhere (architecture §3.3).
     """
 
     def __init__(self, config: MoVQConfig):

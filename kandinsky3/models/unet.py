@@ -1,10 +1,13 @@
 """The Kandinsky 3 U-Net: bottleneck residual blocks, conditional GroupNorm, self- and
 cross-attention, and an attention-pooled text vector added to the time embedding.
 
-References: SPEC §2 (architecture, key names); "Kandinsky 3.0 Technical Report",
+References: docs/architecture.md §2 (architecture, key names); "Kandinsky 3.0 Technical Report",
 arXiv 2312.03511.  Attribute names are the checkpoint format: ``UNet(config).state_dict()``
 has exactly the keys of the ``unet`` entry of the original ``kandinsky3.pt``
-(SPEC §2.10), so the released weights load with ``strict=True`` and no renaming.
+(architecture §2.10), so the released weights load with ``strict=True`` and no renaming.
+
+The network is ``unet(x, t, context, mask) -> ε``.  For a sampling run, :meth:`UNet.bind` fixes the text and
+the timestep list and returns ``bound(x, t) -> ε``, which precomputes what depends only on them.
 
 Conventions used throughout:
     B batch, C channels, H/W latent height/width, L text tokens, T time-embedding width,
@@ -16,8 +19,8 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +28,7 @@ from torch import nn
 
 from .unet_config import LevelPlan, ResNetPlan, UNetConfig, plan_levels
 
-__all__ = ["UNet", "UNetConfig", "ModulationTable", "masked_attention"]
+__all__ = ["UNet", "UNetConfig", "BoundUNet", "ModulationTable", "Modulation", "masked_attention"]
 
 
 def masked_attention(
@@ -48,7 +51,7 @@ def masked_attention(
 
 
 class Attention(nn.Module):
-    """Multi-head attention without biases (SPEC §2.6): queries from x (width ``query_width``),
+    """Multi-head attention without biases (architecture §2.6): queries from x (width ``query_width``),
     keys/values from a context (width ``context_width``), all projected to ``width``;
     heads = width // head_dim, scale head_dim ** -0.5, output Linear(width → width)."""
 
@@ -77,41 +80,16 @@ class Attention(nn.Module):
         return self.output_layer(out)
 
 
-@dataclass
-class ModulationTable:
-    """Every conditional norm's ``Linear(SiLU(τ))`` for a list of timesteps and one text context.
+Modulation = Callable[["ConditionalGroupNorm"], torch.Tensor]
+"""What the conditional norms of one network call read: ``modulation(norm)`` is that norm's [scale; shift], (B, 2·C).
 
-    ``outputs[k]`` is (S, B, 2·C_k) for the k-th :class:`ConditionalGroupNorm` (module order), row i for
-    timestep ``timesteps[i]``. Built by :meth:`UNet.modulation_table`.
-    """
-
-    timesteps: tuple[int, ...]
-    outputs: list[torch.Tensor]
-    batch: int
-    rows: dict[int, int] = field(init=False)  # timestep -> row
-
-    def __post_init__(self):
-        self.rows = {t: i for i, t in enumerate(self.timesteps)}
-
-    def row_of(self, time: torch.Tensor) -> int | None:
-        """The row for a (B,) ``time`` whose entries are all one of the table's timesteps; None otherwise."""
-        first = int(time[0])
-        if time.shape[0] != self.batch or first not in self.rows or not bool((time == first).all()):
-            return None
-        return self.rows[first]
-
-
-class NormInput(NamedTuple):
-    """What the conditional norms of one forward call read: the time embedding τ (B, T), or row ``step`` of a
-    precomputed :class:`ModulationTable` (then ``time_embed`` is None)."""
-
-    time_embed: torch.Tensor | None
-    table: ModulationTable | None = None
-    step: int = 0
+Two sources: the norm's own projection of the time embedding, Linear(SiLU(τ)), computed inside the norm's call
+(:meth:`UNet.forward`; inside, so a sharded block has its weights gathered), or a row of a :class:`ModulationTable`
+precomputed for a sampling run (:class:`BoundUNet`)."""
 
 
 class ConditionalGroupNorm(nn.Module):
-    """GN(x)·(1 + s) + b with [s; b] = Linear(SiLU(τ)) (SPEC §2.4).
+    """GN(x)·(1 + s) + b with [s; b] = Linear(SiLU(τ)) (architecture §2.4).
 
     The affine-free GroupNorm has eps 1e-5.  The projection (key ``context_mlp.1``) is
     zero-initialised, so every norm starts as a plain GroupNorm.  ``index`` is the norm's
@@ -126,13 +104,9 @@ class ConditionalGroupNorm(nn.Module):
         nn.init.zeros_(self.context_mlp[1].weight)
         nn.init.zeros_(self.context_mlp[1].bias)
 
-    def forward(self, x: torch.Tensor, time_embed: NormInput) -> torch.Tensor:
-        """x (B, C, H, W), time_embed: τ (B, T) or a table row → (B, C, H, W)."""
-        if time_embed.table is None:
-            projected = self.context_mlp(time_embed.time_embed)  # (B, 2C)
-        else:
-            projected = time_embed.table.outputs[self.index][time_embed.step]
-        scale, shift = projected[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1)
+    def forward(self, x: torch.Tensor, modulation: Modulation) -> torch.Tensor:
+        """x (B, C, H, W) → GN(x)·(1 + scale) + shift (B, C, H, W), [scale; shift] = ``modulation(self)`` (B, 2C)."""
+        scale, shift = modulation(self)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
         return torch.addcmul(shift, F.group_norm(x, self.groups, eps=1e-5), scale + 1.0)
 
 
@@ -146,8 +120,8 @@ class Block(nn.Module):
         self.projection = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2)
         self.down_sample = nn.Conv2d(c_out, c_out, 2, stride=2) if resample == "down" else None
 
-    def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
-        x = F.silu(self.group_norm(x, time_embed))
+    def forward(self, x: torch.Tensor, modulation: Modulation) -> torch.Tensor:
+        x = F.silu(self.group_norm(x, modulation))
         if self.up_sample is not None:
             x = self.up_sample(x)
         x = self.projection(x)
@@ -157,7 +131,7 @@ class Block(nn.Module):
 
 
 class ResNetBlock(nn.Module):
-    """Bottleneck residual block R(in → out) (SPEC §2.5): 1×1, 3×3, 3×3, 1×1 sub-blocks at
+    """Bottleneck residual block R(in → out) (architecture §2.5): 1×1, 3×3, 3×3, 1×1 sub-blocks at
     hidden width max(in, out) // compression_ratio; up-sampling in sub-block 1 (before its
     conv), down-sampling in sub-block 2 (after its conv); learned resampling shortcut."""
 
@@ -177,10 +151,10 @@ class ResNetBlock(nn.Module):
         self.shortcut_projection = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
         self.shortcut_down_sample = nn.Conv2d(c_out, c_out, 2, stride=2) if resample == "down" else None
 
-    def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modulation: Modulation) -> torch.Tensor:
         out = x
         for block in self.resnet_blocks:
-            out = block(out, time_embed)
+            out = block(out, modulation)
         for shortcut in (self.shortcut_up_sample, self.shortcut_projection, self.shortcut_down_sample):
             if shortcut is not None:
                 x = shortcut(x)
@@ -188,7 +162,7 @@ class ResNetBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """x + Attn(CondGN(x)), then x + FFN(CondGN(x)) (SPEC §2.6).
+    """x + Attn(CondGN(x)), then x + FFN(CondGN(x)) (architecture §2.6).
 
     Self-attention when ``context_width`` is None; otherwise cross-attention to the text.
     """
@@ -206,23 +180,23 @@ class AttentionBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        time_embed: torch.Tensor,
+        modulation: Modulation,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        tokens = self.in_norm(x, time_embed).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        tokens = self.in_norm(x, modulation).flatten(2).transpose(1, 2)  # (B, H*W, C)
         if context is None:
             out = self.attention(tokens, tokens)
         else:
             out = self.attention(tokens, context, context_mask)
         x = x + out.transpose(1, 2).reshape(batch, channels, height, width)
-        return x + self.feed_forward(self.out_norm(x, time_embed))
+        return x + self.feed_forward(self.out_norm(x, modulation))
 
 
 class AttentionPooling(nn.Module):
     """Pools the text into a (B, T) vector: the unmasked mean of the context queries the
-    masked context (SPEC §2.3; the original class is named ``AttentionPolling``)."""
+    masked context (architecture §2.3; the original class is named ``AttentionPolling``)."""
 
     def __init__(self, time_embed_dim: int, context_dim: int, head_dim: int):
         super().__init__()
@@ -245,12 +219,12 @@ class Triple(nn.ModuleList):
         )
         super().__init__([ResNetBlock(config, plan.resnet_in), attention, ResNetBlock(config, plan.resnet_out)])
 
-    def forward(self, x, time_embed, context, context_mask):
+    def forward(self, x, modulation: Modulation, context, context_mask):
         resnet_in, attention, resnet_out = self
-        x = resnet_in(x, time_embed)
+        x = resnet_in(x, modulation)
         if isinstance(attention, AttentionBlock):
-            x = attention(x, time_embed, context, context_mask)
-        return resnet_out(x, time_embed)
+            x = attention(x, modulation, context, context_mask)
+        return resnet_out(x, modulation)
 
 
 class Level(nn.Module):
@@ -265,20 +239,20 @@ class Level(nn.Module):
             self.self_attention_block = None
         self.resnet_attn_blocks = nn.ModuleList([Triple(config, t) for t in plan.triples])
 
-    def forward(self, x, time_embed, context, context_mask):
+    def forward(self, x, modulation: Modulation, context, context_mask):
         if self.self_attention_first and self.self_attention_block is not None:
-            x = self.self_attention_block(x, time_embed)
+            x = self.self_attention_block(x, modulation)
         for triple in self.resnet_attn_blocks:
-            x = triple(x, time_embed, context, context_mask)
+            x = triple(x, modulation, context, context_mask)
         if not self.self_attention_first and self.self_attention_block is not None:
-            x = self.self_attention_block(x, time_embed)
+            x = self.self_attention_block(x, modulation)
         return x
 
 
 def timestep_sinusoid(time: torch.Tensor, width: int) -> torch.Tensor:
     """(B,) timesteps → (B, width) fp32 [sin(t·f_i), cos(t·f_i)], f_i = 10000^(−i/(width/2 − 1)).
 
-    Sine first (SPEC §2.2).  The fp32 operation order, (−ln 10000 · i) / (half − 1), is the
+    Sine first (architecture §2.2).  The fp32 operation order, (−ln 10000 · i) / (half − 1), is the
     one diffusers uses; the original's order differs in the last bit of some frequencies,
     which a 999·ulp angle error makes visible (~1e-5) at the output of a random network.
     """
@@ -322,7 +296,6 @@ class UNet(nn.Module):
         time: torch.Tensor | float | int,
         context: torch.Tensor,
         context_mask: torch.Tensor,
-        modulation: ModulationTable | None = None,
     ) -> torch.Tensor:
         """Predict ε.
 
@@ -331,36 +304,30 @@ class UNet(nn.Module):
             time: diffusion step(s) in [0, 999]: a number, a 0-d tensor or a (B,) / (1,) tensor.
             context: (B, L, context_dim) text context, already projected (Linear + LayerNorm).
             context_mask: (B, L) bool or 0/1, 1 = real token.
-            modulation: the conditional norms' inputs precomputed by :meth:`modulation_table` for this
-                context and mask (the caller vouches for that); ``time`` must be one of its timesteps.
 
         Returns:
             (B, out_channels, H, W) ε in the model's dtype.
         """
-        time, context_mask = self._check_inputs(x, time, context, context_mask)
-        dtype = self.in_layer.weight.dtype
-        x, context = x.to(dtype), context.to(dtype)
+        context, context_mask = self._check_context(context, context_mask, x.shape[0])
+        x, time = self._check_latents(x, time, context.shape[0])
+        time_embed = self._timestep_embed(time) + self.feature_pooling(context, context_mask)  # τ (B, T)
+        return self._predict(x, context, context_mask, lambda norm: norm.context_mlp(time_embed))
 
-        if modulation is None:
-            time_embed = NormInput(self._time_embed(time, context, context_mask))
-        else:
-            time_embed = NormInput(None, modulation, self._table_row(modulation, time))
-
+    def _predict(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, modulation: Modulation
+    ) -> torch.Tensor:
+        """The network body on checked inputs: (B, C_in, H, W) latents → (B, C_out, H, W) ε."""
         x = self.in_layer(x)
         skips = []
         for index, level in enumerate(self.down_samples):
-            x = level(x, time_embed, context, context_mask)
+            x = level(x, modulation, context, context_mask)
             if index != len(self.down_samples) - 1:
                 skips.append(x)
         for index, level in enumerate(self.up_samples):
             if index != 0:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = level(x, time_embed, context, context_mask)
+            x = level(x, modulation, context, context_mask)
         return self.out_layer(x)
-
-    def _time_embed(self, time: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        """τ = MLP(sinusoid(t)) + AttentionPooling(context): (B,) times, (B, L, D) context → (B, T)."""
-        return self._timestep_embed(time) + self.feature_pooling(context.to(self.in_layer.weight.dtype), context_mask)
 
     def _timestep_embed(self, time: torch.Tensor) -> torch.Tensor:
         """MLP(sinusoid(t)): (N,) timesteps → (N, T) in the model's dtype."""
@@ -372,61 +339,56 @@ class UNet(nn.Module):
         """Σ 2·C over the conditional norms: the values per image and timestep of a :class:`ModulationTable`."""
         return sum(norm.context_mlp[1].out_features for norm in self._norms)
 
-    def modulation_table(
-        self, timesteps: Sequence[int], context: torch.Tensor, context_mask: torch.Tensor
-    ) -> ModulationTable:
-        """Every conditional norm's scale and shift for each of ``timesteps`` and this (B, L, D) context, at once.
+    def bind(
+        self,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        timesteps: Sequence[int] | None = None,
+        *,
+        max_table_bytes: int | None = None,
+    ) -> BoundUNet:
+        """This U-Net with one (B, L, D) text context and its (B, L) mask bound, for a sampling run over ``timesteps``.
 
-        A sampler calls the U-Net with the same context at a known list of timesteps. The norms' projections
-        (0.81B of the 3.04B released parameters, ~27 %) are matrix-vector products at every call, bound by
-        reading their weights; done here for all S timesteps in one pass, each weight is read once per
-        sampling run instead of once per step. Passing the table as ``modulation=`` to ``forward`` gives the
-        per-call result up to matmul rounding. Memory: S·B·``modulation_width`` values (about 210 MB in fp32
-        for the released model, 50 steps, B = 2).
+        A sampler calls the U-Net with the same context at a known list of timesteps. The conditional norms'
+        projections (0.81B of the 3.04B released parameters, ~27 %) are matrix-vector products at every call,
+        bound by reading their weights; the binding computes them for all S timesteps in one pass
+        (a :class:`ModulationTable`), so each weight is read once per sampling run instead of once per step.
+        The table holds S·B·``modulation_width`` values (about 210 MB in fp32 for the released model, 50 steps,
+        B = 2); when that exceeds ``max_table_bytes`` (None = no limit) no table is built and every call
+        computes them. Calls at timesteps outside the table are plain :meth:`forward` calls.
         """
-        timesteps = tuple(int(t) for t in timesteps)
-        if not timesteps or len(set(timesteps)) != len(timesteps):
-            raise ValueError(f"timesteps must be a non-empty list of distinct ints, got {timesteps}")
-        batch = context.shape[0]
-        if context.ndim != 3 or context.shape[2] != self.config.context_dim or context_mask.shape != context.shape[:2]:
-            raise ValueError(f"context must be (B, L, {self.config.context_dim}) with a (B, L) mask, got "
-                             f"{tuple(context.shape)} and {tuple(context_mask.shape)}")
+        context, context_mask = self._check_context(context, context_mask)
+        timesteps = tuple(int(t) for t in timesteps or ())
+        if len(set(timesteps)) != len(timesteps):
+            raise ValueError(f"timesteps must be distinct, got {timesteps}")
         dtype = self.in_layer.weight.dtype
+        size = len(timesteps) * context.shape[0] * self.modulation_width * dtype.itemsize
+        table = None
+        if timesteps and (max_table_bytes is None or size <= max_table_bytes):
+            table = self._modulation_table(timesteps, context, context_mask)
+        return BoundUNet(self, context, context_mask, table)
+
+    def _modulation_table(
+        self, timesteps: tuple[int, ...], context: torch.Tensor, context_mask: torch.Tensor
+    ) -> ModulationTable:
+        """Every conditional norm's [scale; shift] for each of S ``timesteps`` and this checked context, at once."""
         time = torch.tensor(timesteps, device=context.device)  # (S,)
         with torch.no_grad():
-            pooled = self.feature_pooling(context.to(dtype), context_mask.to(context.device) != 0)  # (B, T)
+            pooled = self.feature_pooling(context, context_mask)  # (B, T)
             time_part = self._timestep_embed(time)  # (S, T)
             activated = F.silu(time_part[:, None, :] + pooled[None, :, :]).flatten(0, 1)  # (S·B, T)
-            outputs = [norm.context_mlp[1](activated).unflatten(0, (len(timesteps), batch)) for norm in self._norms]
-        return ModulationTable(timesteps, outputs, batch)
+            shape = (len(timesteps), context.shape[0])
+            outputs = tuple(norm.context_mlp[1](activated).unflatten(0, shape) for norm in self._norms)
+        return ModulationTable(timesteps, outputs)
 
-    @staticmethod
-    def _table_row(table: ModulationTable, time: torch.Tensor) -> int:
-        """The table row of this call; a ValueError when the table does not cover it."""
-        if time.shape[0] != table.batch:
-            raise ValueError(f"the modulation table was built for batch {table.batch}, got {time.shape[0]}")
-        row = table.row_of(time)
-        if row is None:
-            raise ValueError(f"the modulation table covers timesteps {table.timesteps}; got {time.tolist()}")
-        return row
-
-    def _check_inputs(self, x, time, context, context_mask):
-        """Validate shapes early, with messages that say what to pass instead."""
+    def _check_context(
+        self, context: torch.Tensor, context_mask: torch.Tensor, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context in the model's dtype and the mask as bool on its device; errors say what to pass instead."""
         cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.num_channels:
-            raise ValueError(
-                f"UNet expects latents of shape (B, {cfg.num_channels}, H, W), got {tuple(x.shape)}"
-            )
-        factor = cfg.downsample_factor
-        height, width = x.shape[-2:]
-        if height % factor or width % factor:
-            raise ValueError(
-                f"latent sides must be multiples of {factor} (image sides multiples of {8 * factor} "
-                f"for the 8x MoVQ), got a {height}x{width} latent"
-            )
-        batch = x.shape[0]
         if context is None or context_mask is None:
             raise ValueError("UNet needs a text context and its mask (use the null embedding for no text)")
+        batch = context.shape[0] if batch is None else batch
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.context_dim:
             raise ValueError(
                 f"context must be (B={batch}, L, {cfg.context_dim}) projected text, got {tuple(context.shape)}"
@@ -439,9 +401,71 @@ class UNet(nn.Module):
             if context_mask.is_floating_point() and not torch.all((context_mask == 0) | (context_mask == 1)):
                 raise ValueError("context_mask must hold only 0 and 1 (1 = real token)")
             context_mask = context_mask != 0
+        return context.to(self.in_layer.weight.dtype), context_mask.to(context.device)
+
+    def _check_latents(
+        self, x: torch.Tensor, time: torch.Tensor | float | int, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents in the model's dtype and the time as a (B,) tensor, for a text context of batch ``batch``."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.num_channels:
+            raise ValueError(
+                f"UNet expects latents of shape (B, {cfg.num_channels}, H, W), got {tuple(x.shape)}"
+            )
+        factor = cfg.downsample_factor
+        height, width = x.shape[-2:]
+        if height % factor or width % factor:
+            raise ValueError(
+                f"latent sides must be multiples of {factor} (image sides multiples of {8 * factor} "
+                f"for the 8x MoVQ), got a {height}x{width} latent"
+            )
+        if x.shape[0] != batch:
+            raise ValueError(f"latents of batch {x.shape[0]} for a text context of batch {batch}")
         time = torch.as_tensor(time, device=x.device)
         if time.ndim == 0:
             time = time[None]
         if time.ndim != 1 or time.shape[0] not in (1, batch):
             raise ValueError(f"time must be a number or a (B,) tensor with B={batch}, got {tuple(time.shape)}")
-        return time.expand(batch), context_mask.to(x.device)
+        return x.to(self.in_layer.weight.dtype), time.expand(batch)
+
+
+@dataclass(frozen=True, eq=False)
+class ModulationTable:
+    """Every conditional norm's [scale; shift] for S timesteps and one text context of batch B.
+
+    ``outputs[k]`` is (S, B, 2·C_k) for the k-th :class:`ConditionalGroupNorm` (module order), row i for
+    timestep ``timesteps[i]``. Built by :meth:`UNet.bind`.
+    """
+
+    timesteps: tuple[int, ...]
+    outputs: tuple[torch.Tensor, ...]
+
+    def modulation(self, time: torch.Tensor) -> Modulation | None:
+        """The norms' inputs for a (B,) ``time`` whose entries are all one of the table's timesteps; None otherwise."""
+        first = int(time[0])
+        if first not in self.timesteps or not bool((time == first).all()):
+            return None
+        row = self.timesteps.index(first)
+        return lambda norm: self.outputs[norm.index][row]
+
+
+@dataclass(frozen=True, eq=False)
+class BoundUNet:
+    """A U-Net with its text bound for one sampling run: ``bound(x, t) -> ε`` (built by :meth:`UNet.bind`).
+
+    x (B, num_channels, H, W) latents and t a number or a (B,) tensor of timesteps, as :meth:`UNet.forward`;
+    the context (B, L, D) and mask (B, L) are the bound ones. At a timestep of the ``table`` the conditional
+    norms read their precomputed row; at any other one (or without a table) this is ``unet(x, t, context, mask)``.
+    """
+
+    unet: UNet
+    context: torch.Tensor
+    context_mask: torch.Tensor
+    table: ModulationTable | None
+
+    def __call__(self, x: torch.Tensor, time: torch.Tensor | float | int) -> torch.Tensor:
+        x, time = self.unet._check_latents(x, time, self.context.shape[0])
+        modulation = None if self.table is None else self.table.modulation(time)
+        if modulation is None:
+            return self.unet(x, time, self.context, self.context_mask)
+        return self.unet._predict(x, self.context, self.context_mask, modulation)

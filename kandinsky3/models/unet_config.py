@@ -1,9 +1,9 @@
 """Configuration of the Kandinsky 3 U-Net and the channel plan derived from it.
 
 The field names are the original hyper-parameter names of ai-forever/Kandinsky-3
-(``kandinsky3/__init__.py``); SPEC §2.1 lists the released values.  The per-level tuples
+(``kandinsky3/__init__.py``); architecture §2.1 lists the released values.  The per-level tuples
 (``num_blocks``, ``add_cross_attention``, ``add_self_attention``) follow the original's
-zip semantics (SPEC §10.2): the down path uses their first ``levels`` entries, the up path
+zip semantics (architecture §10.2): the down path uses their first ``levels`` entries, the up path
 the first ``levels`` entries of the *reversed* tuple.  With tuples exactly ``levels`` long
 this is the natural symmetric network; longer tuples reproduce the original's (and
 diffusers') behaviour for configs with fewer than four levels.
@@ -149,7 +149,7 @@ class LevelPlan(NamedTuple):
 
 
 def plan_levels(config: UNetConfig) -> tuple[list[LevelPlan], list[LevelPlan]]:
-    """The exact channel plan (SPEC §2.7) of the down levels and the up levels.
+    """The exact channel plan (architecture §2.7) of the down levels and the up levels.
 
     Down level L maps dims[L] -> dims[L+1] (self-attention on the input width first);
     up level l maps dims[n-l] (+ the skip width for l >= 1) -> dims[n-1-l] (self-attention on

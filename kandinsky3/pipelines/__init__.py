@@ -1,23 +1,33 @@
-"""Pipelines (inference only): text-to-image, Kandinsky Flash, inpainting, img2img, and their factories."""
+"""Pipelines (inference only): text-to-image, Kandinsky Flash, inpainting, img2img, and how to load them."""
 
-from .factory import (
+from .checks import CallOptions
+from .images import DecodeTiling
+from .img2img import Kandinsky3Img2ImgPipeline
+from .inpainting import Kandinsky3InpaintingPipeline
+from .load import (
     DEFAULT_MODEL,
+    TASKS,
+    LoadOptions,
     get_img2img_pipeline,
     get_inpainting_pipeline,
     get_T2I_Flash_pipeline,
     get_T2I_pipeline,
+    load_pipeline,
 )
-from .img2img import Kandinsky3Img2ImgPipeline
-from .inpainting import Kandinsky3InpaintingPipeline
 from .text_to_image import Kandinsky3Pipeline
 
 __all__ = [
+    "CallOptions",
     "DEFAULT_MODEL",
+    "DecodeTiling",
+    "TASKS",
     "Kandinsky3Img2ImgPipeline",
     "Kandinsky3InpaintingPipeline",
     "Kandinsky3Pipeline",
+    "LoadOptions",
     "get_T2I_Flash_pipeline",
     "get_T2I_pipeline",
     "get_img2img_pipeline",
     "get_inpainting_pipeline",
+    "load_pipeline",
 ]

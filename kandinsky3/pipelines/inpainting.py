@@ -1,4 +1,4 @@
-"""Inpainting with the 9-channel Kandinsky 3 U-Net (SPEC §2.9, §6.4).
+"""Inpainting with the 9-channel Kandinsky 3 U-Net (docs/architecture.md §2.9, §6.4).
 
 Mask convention at the API: **1 = repaint**, 0 = keep (the seed README's "Set 1 where image
 should be masked").  Inside, the U-Net receives [x_t (4), keep-mask (1), masked-image latent (4)]
@@ -11,18 +11,22 @@ bad masks (wrong size, not 2-D, nothing to repaint) are refused early; negative 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..diffusion import schedule
+from ..conditioning import inpainting_channels
+from ..errors import UsageError, validating
 from ..models.text_encoder import TextEncoder
-from . import common
-from .residency import Loader, Residency
+from . import checks
+from .base import PipelineBase
+from .images import pil_to_tensor, to_output
+from .stages import initial_noise, make_generators
 
 __all__ = ["Kandinsky3InpaintingPipeline", "prepare_mask", "working_size"]
 
@@ -35,7 +39,7 @@ def working_size(width: int, height: int, multiple: int = 64) -> tuple[int, int]
     new_w = int(round(width / reduce)) // multiple * multiple
     new_h = int(round(height / reduce)) // multiple * multiple
     if new_w == 0 or new_h == 0:
-        raise ValueError(f"the image ({width}x{height}) is too small; both sides must be at least {multiple}")
+        raise UsageError(f"the image ({width}x{height}) is too small; both sides must be at least {multiple}")
     return new_w, new_h
 
 
@@ -51,51 +55,44 @@ def prepare_mask(mask: Any, size: tuple[int, int]) -> np.ndarray:
         mask = mask.detach().cpu().numpy()
     mask = np.asarray(mask)
     if mask.ndim != 2:
-        raise ValueError(f"mask must be a 2-D (H, W) array with 1 = repaint, got shape {mask.shape}")
+        raise UsageError(f"mask must be a 2-D (H, W) array with 1 = repaint, got shape {mask.shape}")
     if mask.dtype == bool:
         mask = mask.astype(np.float32)
     if not np.issubdtype(mask.dtype, np.number) or not np.isfinite(mask).all():
-        raise ValueError("mask must hold finite numbers (0/1 or 0–255)")
+        raise UsageError("mask must hold finite numbers (0/1 or 0–255)")
     mask = mask.astype(np.float32)
     if mask.min() < 0 or mask.max() > 255:
-        raise ValueError(f"mask values must lie in [0, 1] or [0, 255], got [{mask.min()}, {mask.max()}]")
+        raise UsageError(f"mask values must lie in [0, 1] or [0, 255], got [{mask.min()}, {mask.max()}]")
     if mask.max() > 1:
         mask = mask / 255.0
     if (mask.shape[1], mask.shape[0]) != tuple(size):
-        raise ValueError(
+        raise UsageError(
             f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is {size[0]}x{size[1]}; "
             "they must have the same size"
         )
     if not (mask > 0).any():
-        raise ValueError("the mask is all zero: nothing to repaint (1 = repaint)")
+        raise UsageError("the mask is all zero: nothing to repaint (1 = repaint)")
     return mask
 
 
-class Kandinsky3InpaintingPipeline(Residency, common.TiledDecoding):
+class Kandinsky3InpaintingPipeline(PipelineBase):
     """Inpainting: repaint the masked region of an image following a prompt.
 
-    Components as in :class:`~kandinsky3.pipelines.text_to_image.Kandinsky3Pipeline`; the U-Net
-    has 9 input channels.  Defaults follow the original: "original" sampler, 50 steps,
-    guidance 4.0, dynamic thresholding at the 0.95 percentile.
+    Components and options as in :class:`~kandinsky3.pipelines.base.PipelineBase`; the U-Net has 9 input channels.
+    Defaults follow the original: "original" sampler, 50 steps, guidance 4.0, dynamic thresholding at the 0.95
+    percentile.
     """
 
     default_guidance_scale = 4.0
     threshold_percentile = 0.95
 
-    def __init__(self, unet: torch.nn.Module, movq: torch.nn.Module, text_encoder: TextEncoder, *,
-                 conditioning: str = "original", offload: dict[str, Any] | None = None,
-                 reload: dict[str, Loader] | None = None):
+    def __init__(self, unet: torch.nn.Module, movq: torch.nn.Module, text_encoder: TextEncoder, **options: Any):
         if unet.config.num_channels != 2 * movq.config.z_channels + 1:
-            raise ValueError(
+            raise UsageError(
                 f"inpainting needs a U-Net with {2 * movq.config.z_channels + 1} input channels "
                 f"(x_t, keep-mask, masked latent), got {unet.config.num_channels}"
             )
-        if conditioning not in common.CONDITIONING_STYLES:
-            raise ValueError(f"conditioning must be one of {common.CONDITIONING_STYLES}, got {conditioning!r}")
-        self.unet, self.movq, self.text_encoder = unet, movq, text_encoder
-        self.conditioning = conditioning
-        self.set_residency(offload, reload)  # as in Kandinsky3Pipeline
-        self.alphas_cumprod = schedule.cosine_alphas_cumprod()
+        super().__init__(unet, movq, text_encoder, **options)
 
     def __call__(
         self,
@@ -104,93 +101,54 @@ class Kandinsky3InpaintingPipeline(Residency, common.TiledDecoding):
         mask: Any,
         negative_prompt: str | Sequence[str] | None = None,
         *,
-        num_images_per_prompt: int = 1,
-        images_num: int | None = None,
-        bs: int | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
         guidance_weight_text: float | None = None,
-        sampler: str = "original",
-        eta: float | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         paste_back: bool = True,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
-        output_type: str = "pil",
+        **options: Any,
     ) -> Any:
         """Repaint ``mask`` (H×W, 1 = repaint) of ``image`` (PIL) following ``prompt``.
 
-        ``guidance_weight_text`` is the original's name for ``guidance_scale`` (default 4.0).
-        Returns images of the input's size (``output_type`` "pil", "np" or "pt"; "latent" gives
-        the working-size latents), with the kept pixels pasted back unless ``paste_back=False``.
+        ``guidance_weight_text`` is the original's name for ``guidance_scale`` (default: the model's, else 4.0).
+        Returns images of the input's size (``output_type`` "pil", "np" or "pt"; "latent" gives the working-size
+        latents), with the kept pixels pasted back unless ``paste_back=False``. ``options``:
+        :class:`~kandinsky3.pipelines.checks.CallOptions`.
         """
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
-        if guidance_weight_text is not None:
-            if guidance_scale is not None:
-                raise ValueError("pass either guidance_scale or guidance_weight_text, not both")
-            guidance_scale = guidance_weight_text
-        user_mask = prepare_mask(mask, image.size)
-        count = num_images_per_prompt if images_num is None else images_num
-        prompt_list = common.as_prompt_list(prompt)
-        prompts = common.repeat_prompts(prompt_list, count)
-        negatives = common.expand_negatives(negative_prompt, len(prompt_list), count)
-        common.check_output_type(output_type)
-        w = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-        if w < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {w}")
-        if sampler == "flash":
-            raise ValueError("the 'flash' sampler is for the Flash text-to-image weights")
-        sample_fn, timesteps, kwargs = common.sampler_setup(
-            sampler, steps, eta=eta, threshold=self.threshold_percentile, scheduler_config=None
-        )
-
-        width, height = working_size(*image.size, common.size_multiple(self.unet, self.movq))
-        pixels = common.pil_to_tensor(image, width, height)  # (1, 3, H', W') in [-1, 1]
+        with validating():
+            call = checks.CallOptions(**options)
+            if guidance_weight_text is not None:
+                if call.guidance_scale is not None:
+                    raise UsageError("pass either guidance_scale or guidance_weight_text, not both")
+                call = dataclasses.replace(call, guidance_scale=guidance_weight_text)
+            user_mask = prepare_mask(mask, image.size)
+            batch = checks.prompts_per_image(prompt, negative_prompt, call.num_images_per_prompt)
+            plan = self._plan(call, negative_prompt)
+            width, height = working_size(*image.size, checks.size_multiple(self.unet, self.movq))
+            generators = make_generators(call.seed, call.generator, len(batch.prompts))
+        pixels = pil_to_tensor(image, width, height)  # (1, 3, H', W') in [-1, 1]
         repaint = self._resize_mask(user_mask, width, height)  # (1, 1, H', W')
-        with self.phase("movq"):
-            extra = self._conditioning_channels(pixels, repaint)  # (1, 5, h, w)
-        extra = extra.expand(len(prompts), -1, -1, -1)
-        generators = common.make_generators(seed, generator, len(prompts))
-        with self.phase("text_encoder"):
-            conditions = common.encode_text(
-                self.text_encoder, prompts, negatives, conditioning=self.conditioning, guided=w != 0
-            )
+        with self.residency.phase("movq", self.movq):
+            extra = inpainting_channels(self.movq, pixels, repaint)  # (1, 5, h, w)
+        extra = extra.expand(len(batch.prompts), -1, -1, -1)
+        conditions = self._encode(batch, plan)
         latent_shape = (self.movq.config.z_channels, *extra.shape[-2:])
 
         def start(indices: list[int], gen) -> torch.Tensor:
-            return common.initial_noise((len(indices), *latent_shape), gen, torch.device("cpu"))
+            return initial_noise((len(indices), *latent_shape), gen, torch.device("cpu"))
 
-        with self.phase("unet"):
-            latents = common.denoise(
-                self.unet, conditions, start, sample_fn=sample_fn, timesteps=timesteps,
-                alphas_cumprod=self.alphas_cumprod, w=w, generators=generators, batch_size=bs,
-                sampler_kwargs=kwargs, extra_channels=extra, callback=callback, progress=progress,
-            )
-        if output_type == "latent":
+        latents = self._denoise(conditions, start, plan, generators, call, extra_channels=extra)
+        if call.output_type == "latent":
             return latents
-        with self.phase("movq"):
-            generated = common.decode_latents(self.movq, latents, tiling=self.decode_tiling)  # (B, 3, H', W') in [-1, 1]
-        return common.to_output(self._finish(generated, image, user_mask, paste_back), output_type)
+        generated = self._decode(latents)  # (B, 3, H', W') in [-1, 1]
+        return to_output(self._finish(generated, image, user_mask, paste_back), call.output_type)
 
-    def _resize_mask(self, mask: np.ndarray, width: int, height: int) -> torch.Tensor:
+    @staticmethod
+    def _resize_mask(mask: np.ndarray, width: int, height: int) -> torch.Tensor:
         """(H, W) repaint mask → (1, 1, height, width), bilinear without antialiasing (as the original)."""
         tensor = torch.from_numpy(mask)[None, None]
         if tensor.shape[-2:] == (height, width):
             return tensor
         return F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
-
-    def _conditioning_channels(self, pixels: torch.Tensor, repaint: torch.Tensor) -> torch.Tensor:
-        """[keep-mask at latent size (nearest), MoVQ latent of the masked image] → (1, 5, h, w).
-
-        keep = 1 − repaint; every pixel that is not fully kept is set to 0 (mid-grey) before encoding.
-        """
-        keep = 1.0 - repaint
-        masked = pixels * (keep == 1)
-        masked_latent = common.encode_images(self.movq, masked)  # (1, 4, h, w)
-        keep_latent = F.interpolate(keep, size=masked_latent.shape[-2:], mode="nearest")
-        return torch.cat([keep_latent, masked_latent], dim=1)
 
     @staticmethod
     def _finish(generated: torch.Tensor, image: Image.Image, mask: np.ndarray, paste_back: bool) -> torch.Tensor:
@@ -200,7 +158,6 @@ class Kandinsky3InpaintingPipeline(Residency, common.TiledDecoding):
             generated = F.interpolate(generated, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
         if not paste_back:
             return generated
-        original = common.pil_to_tensor(image, *image.size)  # (1, 3, H, W)
+        original = pil_to_tensor(image, *image.size)  # (1, 3, H, W)
         alpha = torch.from_numpy(mask)[None, None]  # (1, 1, H, W), 1 = repaint
         return alpha * generated + (1 - alpha) * original
-

@@ -1,27 +1,32 @@
-"""Run configurations of the trainers: one frozen dataclass per run kind, stored as JSON.
+"""Run configs of the two trainers: nested frozen dataclasses, parsed once from JSON.
 
-- :class:`MoVQRunConfig` (``"run": "movq"``): the autoencoder run of :mod:`.train_movq`.
-- :class:`UNetRunConfig` (``"run": "unet"``): the diffusion run of :mod:`.train_unet`, base or
-  inpainting (``mode``).
-- A *recipe* (``"run": "recipe"``) is a list of U-Net run configs trained one after the other,
-  each stage initialised from the previous stage's exported U-Net (``configs/kandinsky3_full_recipe.json``).
+A config file holds one object per section, and every key of every section must be present: loading
+names each unknown and each missing key (as ``section.key``), so a file describes its run completely
+and a later change of a default never changes what an old file means. The trainer is named by
+``"trainer"``::
 
-JSON files are flat: every key is a field name. Loading rejects unknown keys and names them;
-missing keys take the defaults below. Model architectures are embedded as the ``to_dict`` form of
-:class:`~kandinsky3.models.unet_config.UNetConfig` / :class:`~kandinsky3.models.movq.MoVQConfig`.
-Overrides from the command line are ``key=value`` pairs; the value is parsed as JSON when it
-parses (numbers, booleans, lists) and is a string otherwise; ``unet.model_channels=64`` sets a key
-inside a dict field.
+    {"trainer": "unet", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
+     "model": {...}, "text": {...}, "samples": {...}}                                -> UNetTrainConfig
+    {"trainer": "movq", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
+     "model": {MoVQConfig}, "loss": {...}, "disc": {...}}                            -> MoVQTrainConfig
+    {"trainer": "recipe", "notes": [...], "common": {...}, "stages": [{...}, ...]}   -> recipe_stages
 
-Batch sizes are *global*: ``batch_size`` samples per optimizer step, summed over all processes and
-accumulation micro-steps, so a run gives the same result on any number of processes.
+Model architectures are the ``to_dict`` form of :class:`~kandinsky3.models.unet_config.UNetConfig`
+(``model.unet``) and :class:`~kandinsky3.models.movq.MoVQConfig` (the MoVQ run's ``model``).
+Command-line overrides are ``section.key=value`` pairs (:func:`apply_overrides`); the value is
+parsed as JSON when it parses (numbers, booleans, lists) and is a string otherwise, and
+``model.unet.model_channels=64`` reaches into the architecture.
+
+Batch sizes are *global*: ``schedule.batch_size`` samples per optimizer step, summed over all
+processes and accumulation micro-steps, so a run gives the same result on any number of processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,208 +34,356 @@ from ..models.movq import MoVQConfig
 from ..models.unet_config import UNetConfig
 
 __all__ = [
+    "RunConfig",
+    "DataConfig",
+    "UNetDataConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "EMAConfig",
+    "UNetModelConfig",
+    "TextConfig",
+    "SamplesConfig",
+    "MoVQLossConfig",
+    "DiscriminatorConfig",
+    "UNetTrainConfig",
+    "MoVQTrainConfig",
     "TrainConfig",
-    "MoVQRunConfig",
-    "UNetRunConfig",
+    "parse_config",
     "load_config",
-    "config_from_dict",
+    "config_to_dict",
     "save_config",
     "apply_overrides",
     "recipe_stages",
+    "load_run_configs",
 ]
 
-OPTIMIZERS = ("adamw", "lion")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DATASETS = ("shapes", "folder")
-MODES = ("base", "inpainting")
+
+def _choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{where} must be one of {choices}, got {value!r}")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Fields shared by every run kind (data, optimisation, precision, logging, output)."""
+def _at_least(section: Any, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < minimum:
+            raise ValueError(f"{type(section).__name__}.{name} must be >= {minimum}, got {getattr(section, name)}")
 
-    out_dir: str = "runs/run"
-    seed: int = 0  # seeds the model init and every random draw of the run (see data.step_generator)
-    # data: the synthetic shapes set (num_samples, data_seed, image_size) or a folder (data_root)
-    dataset: str = "shapes"
-    data_root: str = ""  # folder with images + captions.jsonl / captions.csv (data.FolderDataset)
-    num_samples: int = 10000
-    data_seed: int = 0
-    image_size: int = 64
-    # optimisation
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warm-up from 0 to lr, then constant (optim.learning_rate)
-    max_steps: int = 1000
-    batch_size: int = 32  # global batch per optimizer step
-    grad_accum: int = 1  # micro-steps per optimizer step (per process)
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    precision: str = "fp32"  # autocast dtype; fp16 needs CUDA (a GradScaler is used)
-    ema_decay: float = 0.999  # 0 disables the EMA copy (ema.ema_decay_at gives the warm-up)
-    # logging and output (intervals in optimizer steps; 0 disables)
-    log_interval: int = 10
-    sample_interval: int = 500
-    checkpoint_interval: int = 500
-    device: str = "auto"  # "auto" = cuda:LOCAL_RANK if available, else cpu
-    num_threads: int = 0  # torch.set_num_threads at the entry point; 0 = leave the default
-    fsdp: bool = False  # shard with FSDP2 instead of DDP (CUDA, for the 3B U-Net)
+
+# ------------------------------------------------------------------------------------ sections
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where a run writes, how it is seeded, where and how it computes, how often it reports."""
+
+    out_dir: str
+    seed: int  # seeds the initial weights and every random draw of the run (training.seeding)
+    device: str  # "auto" = cuda:LOCAL_RANK when CUDA is available, else cpu; or "cpu" / "cuda"
+    precision: str  # autocast dtype "fp32" | "bf16" | "fp16" (fp16 needs CUDA and uses a GradScaler)
+    num_threads: int  # torch.set_num_threads at the entry point; 0 = leave the default
+    fsdp: bool  # shard with FSDP2 instead of DDP (the U-Net trainer, for the 3B model)
+    log_interval: int  # optimizer steps between log lines (and log.csv rows); 0 = never
+    sample_interval: int  # optimizer steps between sample grids; 0 = never
+    checkpoint_interval: int  # optimizer steps between checkpoints; 0 = only at the end
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        _check_choice(self, "optimizer", OPTIMIZERS)
-        _check_choice(self, "precision", PRECISIONS)
-        _check_choice(self, "dataset", DATASETS)
+        _choice("run.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("run.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _at_least(self, 0, "num_threads", "log_interval", "sample_interval", "checkpoint_interval")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The images: the synthetic shapes set (num_samples, data_seed) or a folder (data_root)."""
+
+    dataset: str  # "shapes" | "folder" (images + captions.jsonl / captions.csv, image_datasets.FolderDataset)
+    data_root: str  # the folder, for dataset="folder"
+    num_samples: int  # shapes: number of images
+    data_seed: int  # shapes: seed of the scenes
+    image_size: int  # square side in pixels
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, ("shapes", "folder"))
         if self.dataset == "folder" and not self.data_root:
-            raise ValueError("dataset='folder' needs data_root (a folder with images and captions.jsonl/.csv)")
-        for name in ("num_samples", "image_size", "max_steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError(f"need lr > 0, warmup_steps >= 0, grad_clip >= 0; got {self.lr}, "
-                             f"{self.warmup_steps}, {self.grad_clip}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+            raise ValueError("data.dataset='folder' needs data.data_root (images and captions.jsonl/.csv)")
+        _at_least(self, 1, "num_samples", "image_size")
 
 
-@dataclass(frozen=True)
-class MoVQRunConfig(TrainConfig):
-    """MoVQ autoencoder run: loss = l1·L1 + mse·MSE + codebook·VQ (+ hinge GAN after disc_start)."""
+@dataclass(frozen=True, kw_only=True)
+class UNetDataConfig(DataConfig):
+    """Images of a U-Net run, with its latent cache, resolution buckets and inpainting masks."""
 
-    run: str = "movq"
-    movq: dict = field(default_factory=lambda: MoVQConfig(
-        ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(16,), resolution=64, norm_groups=8,
-        codebook_size=1024, codebook_ema=True, codebook_restart_after=100).to_dict())
-    l1_weight: float = 1.0
-    mse_weight: float = 1.0
-    codebook_weight: float = 1.0
-    disc_start: int = -1  # optimizer step at which the patch discriminator switches on; -1 = never
-    disc_weight: float = 0.1  # generator GAN weight (times the adaptive factor when disc_adaptive)
-    disc_adaptive: bool = True  # Esser et al. 2021: balance GAN and reconstruction grads at the last layer
-    disc_lr: float = 0.0  # 0 = same as lr
-    disc_channels: int = 64
-    disc_layers: int = 3
+    # (height, width) sizes for mixed-resolution training (folder data): each step draws one bucket from its
+    # step generator and crops every image of the global batch to it; [] = square image_size
+    resolution_buckets: tuple[tuple[int, int], ...]
+    cache_latents: bool  # encode each dataset image once (frozen MoVQ); in-memory (shapes) data only
+    latent_cache: str  # cache file; "" = <out_dir>/latent_cache.pt (reused when its key matches)
+    mask_coverage: tuple[float, float]  # inpainting: range of the repaint-area fraction of the random masks
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.run != "movq":
-            raise ValueError(f"MoVQRunConfig needs run='movq', got {self.run!r}")
-        MoVQConfig.from_dict(self.movq)  # validates the architecture now, naming bad keys
-        if MoVQConfig.from_dict(self.movq).resolution != self.image_size:
-            raise ValueError(f"movq.resolution {self.movq['resolution']} != image_size {self.image_size}")
-
-    @property
-    def movq_config(self) -> MoVQConfig:
-        return MoVQConfig.from_dict(self.movq)
-
-
-@dataclass(frozen=True)
-class UNetRunConfig(TrainConfig):
-    """Diffusion run: ε-MSE on the 1000-step cosine schedule (SPEC §5.1-5.2), CFG dropout (SPEC §4.5).
-
-    Text encoder: ``text_encoder_path`` (a pretrained folder: T5 weights + tokenizer + optional
-    ``conditioning.safetensors``) or a fresh T5 from ``t5_config`` (a ``T5Config`` dict) with the
-    tokenizer in ``tokenizer_dir`` (trained on the dataset captions when the folder has none).
-    """
-
-    run: str = "unet"
-    mode: str = "base"  # "base" | "inpainting" (9 input channels, GLIDE init from init_unet)
-    unet: dict = field(default_factory=lambda: UNetConfig().to_dict())
-    movq_path: str = ""  # a MoVQ run's out_dir (movq.safetensors + movq_config.json)
-    init_unet: str = ""  # U-Net folder (config.json + model.safetensors) to start from; 4-channel -> GLIDE init
-    text_encoder_path: str = ""
-    t5_config: dict = field(default_factory=dict)
-    tokenizer_dir: str = ""  # "" = <out_dir>/tokenizer
-    tokenizer_vocab_size: int = 512
-    max_length: int = 128  # token slots per prompt incl. EOS (SPEC §4.2)
-    train_text_encoder: bool = False  # False = T5 frozen, as in the report; projection + null emb. always train
-    cfg_dropout: float = 0.1  # probability that a sample's context becomes the null context
-    mask_coverage: tuple[float, float] = (0.05, 0.6)  # inpainting: repaint-area fraction range
-    cache_latents: bool = True  # encode each dataset image once (frozen MoVQ); shapes data only
-    # (height, width) pixel sizes for mixed-resolution training (folder data): each step draws one
-    # bucket from its step generator and crops every image of the global batch to it; () = square image_size
-    resolution_buckets: tuple[tuple[int, int], ...] = ()
-    latent_cache: str = ""  # cache file; "" = <out_dir>/latent_cache.pt (reused when its key matches)
-    sample_prompts: tuple[str, ...] = ("a red circle", "a blue square on a yellow background")
-    sample_steps: int = 50
-    sample_guidance: float = 3.0
-    sample_sampler: str = "original"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "mask_coverage", tuple(float(c) for c in self.mask_coverage))
-        object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
-        object.__setattr__(self, "resolution_buckets", tuple(tuple(int(v) for v in b) for b in self.resolution_buckets))
         if self.resolution_buckets and self.dataset != "folder":
-            raise ValueError("resolution_buckets need dataset='folder' (the shapes set renders one size)")
-        if any(len(b) != 2 or min(b) < 1 for b in self.resolution_buckets):
-            raise ValueError(f"resolution_buckets must be (height, width) pairs, got {self.resolution_buckets}")
-        if self.run != "unet":
-            raise ValueError(f"UNetRunConfig needs run='unet', got {self.run!r}")
-        _check_choice(self, "mode", MODES)
-        unet = UNetConfig.from_dict(self.unet)
-        channels = 9 if self.mode == "inpainting" else 4
-        if unet.num_channels != channels:
-            raise ValueError(f"mode {self.mode!r} needs unet.num_channels={channels}, got {unet.num_channels}")
-        if not self.movq_path:
-            raise ValueError("movq_path must name a MoVQ run output (movq.safetensors + movq_config.json)")
-        if self.mode == "inpainting" and not self.init_unet:
-            raise ValueError("mode='inpainting' needs init_unet: the base U-Net folder to initialise from")
-        if bool(self.text_encoder_path) == bool(self.t5_config):
-            raise ValueError("give exactly one of text_encoder_path (pretrained) and t5_config (fresh T5)")
-        if not 0.0 <= self.cfg_dropout < 1.0:
-            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+            raise ValueError("data.resolution_buckets need dataset='folder' (the shapes set renders one size)")
+        if any(min(bucket) < 1 for bucket in self.resolution_buckets):
+            raise ValueError(f"data.resolution_buckets must be positive (height, width) pairs, "
+                             f"got {self.resolution_buckets}")
         low, high = self.mask_coverage
         if not 0.0 < low <= high < 1.0:
-            raise ValueError(f"mask_coverage must satisfy 0 < low <= high < 1, got {self.mask_coverage}")
-
-    @property
-    def unet_config(self) -> UNetConfig:
-        return UNetConfig.from_dict(self.unet)
+            raise ValueError(f"data.mask_coverage must satisfy 0 < low <= high < 1, got {self.mask_coverage}")
 
 
-RUN_KINDS: dict[str, type[TrainConfig]] = {"movq": MoVQRunConfig, "unet": UNetRunConfig}
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """The optimizer (training.optim) and gradient clipping."""
+
+    name: str  # "adamw" | "lion"
+    lr: float  # peak learning rate, reached after schedule.warmup_steps
+    betas: tuple[float, float]
+    weight_decay: float  # decoupled; on matrices and conv kernels only (optim.param_groups)
+    grad_clip: float  # max global gradient norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "lion"))
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"optim needs lr > 0, weight_decay >= 0, grad_clip >= 0; got {self.lr}, "
+                             f"{self.weight_decay}, {self.grad_clip}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
 
 
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Build the run config named by ``data["run"]``; unknown keys raise a ValueError naming them."""
-    kind = data.get("run")
-    if kind not in RUN_KINDS:
-        raise ValueError(f"config 'run' must be one of {sorted(RUN_KINDS)}, got {kind!r}")
-    cls = RUN_KINDS[kind]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; valid keys are {sorted(names)}")
-    return cls(**data)
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """How long a run is and how each optimizer step's global batch is cut."""
+
+    max_steps: int  # optimizer steps of the whole run
+    batch_size: int  # global batch per optimizer step (all processes and micro-steps together)
+    grad_accum: int  # accumulation micro-steps per optimizer step, per process
+    warmup_steps: int  # linear learning-rate warm-up from 0 (optim.learning_rate), then constant
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "max_steps", "batch_size", "grad_accum")
+        _at_least(self, 0, "warmup_steps")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"schedule.batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EMAConfig:
+    """The exponential moving average of the trained weights (training.ema), which the run exports."""
+
+    decay: float  # 0 disables the EMA copy; the warm-up is ema.ema_decay_at
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetModelConfig:
+    """The U-Net trained, where it starts from, and the frozen MoVQ whose latents it learns."""
+
+    mode: str  # "base" | "inpainting" (9 input channels, GLIDE init from init_unet)
+    unet: UNetConfig
+    movq_path: str  # the frozen MoVQ: any model folder holding one (a MoVQ run's out_dir/final), or a MoVQ folder
+    init_unet: str  # start from the U-Net of this model folder (or U-Net folder / file); "" = fresh weights
+
+    def __post_init__(self) -> None:
+        _choice("model.mode", self.mode, ("base", "inpainting"))
+        channels = 9 if self.mode == "inpainting" else 4
+        if self.unet.num_channels != channels:
+            raise ValueError(f"model.mode {self.mode!r} needs model.unet.num_channels={channels}, "
+                             f"got {self.unet.num_channels}")
+        if not self.movq_path:
+            raise ValueError("model.movq_path must name a model folder with a MoVQ (e.g. a MoVQ run's final/)")
+        if self.mode == "inpainting" and not self.init_unet:
+            raise ValueError("model.mode='inpainting' needs model.init_unet: the base U-Net folder to start from")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    """The text encoder: a pretrained folder, or a fresh T5 with a tokenizer trained on the captions.
+
+    ``encoder_path``: a T5 folder (weights + tokenizer), or a model folder (a previous run's export)
+    whose ``text_encoder/`` adds the trained projection and null embedding. ``t5_config``:
+    ``transformers.T5Config`` fields of a fresh T5 whose tokenizer is read from ``tokenizer_dir`` or,
+    when that folder has none, trained on the dataset captions.
+    """
+
+    encoder_path: str  # exactly one of encoder_path and t5_config is given
+    t5_config: dict
+    tokenizer_dir: str  # fresh T5 only; "" = <out_dir>/tokenizer
+    tokenizer_vocab_size: int  # upper bound of the trained tokenizer's vocabulary
+    max_length: int  # token slots per prompt incl. EOS (architecture §4.2)
+    train_t5: bool  # False = T5 frozen, as in the report; the projection and null embedding always train
+    cfg_dropout: float  # probability that a sample's context becomes the null context (architecture §4.5)
+
+    def __post_init__(self) -> None:
+        if bool(self.encoder_path) == bool(self.t5_config):
+            raise ValueError("give exactly one of text.encoder_path (pretrained) and text.t5_config (fresh T5)")
+        _at_least(self, 1, "tokenizer_vocab_size", "max_length")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"text.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplesConfig:
+    """The sample grids written every run.sample_interval steps with the EMA weights and the real pipeline."""
+
+    prompts: tuple[str, ...]  # base: one image per prompt; inpainting: one row per dataset image (at most this many)
+    steps: int
+    guidance: float
+    sampler: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoVQLossConfig:
+    """Weights of the reconstruction terms: l1·|x̂ − x| + mse·(x̂ − x)² + codebook·VQ."""
+
+    l1_weight: float
+    mse_weight: float
+    codebook_weight: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscriminatorConfig:
+    """The patch discriminator of the MoVQ run (training.losses.PatchDiscriminator) and its GAN term."""
+
+    start: int  # optimizer step at which it switches on; -1 = never
+    weight: float  # generator GAN weight (times the adaptive factor when adaptive)
+    adaptive: bool  # Esser et al. 2021: balance GAN and reconstruction gradients at the decoder's last layer
+    lr: float  # 0 = optim.lr
+    channels: int
+    layers: int
+
+    def __post_init__(self) -> None:
+        _at_least(self, -1, "start")
+        _at_least(self, 1, "channels", "layers")
+
+
+# ------------------------------------------------------------------------------------ run configs
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The sections every run config has; each trainer's config adds its own after them."""
+
+    trainer: str  # "unet" | "movq"
+    run: RunConfig
+    data: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    ema: EMAConfig
+
+    def __post_init__(self) -> None:
+        _choice("trainer", self.trainer, tuple(name for name, cls in TRAINERS.items() if cls is type(self)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetTrainConfig(TrainConfig):
+    """A diffusion run (training.train_unet): ε-MSE on the 1000-step cosine schedule, CFG dropout."""
+
+    data: UNetDataConfig
+    model: UNetModelConfig
+    text: TextConfig
+    samples: SamplesConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoVQTrainConfig(TrainConfig):
+    """An autoencoder run (training.train_movq): reconstruction + VQ loss, optional patch GAN."""
+
+    model: MoVQConfig
+    loss: MoVQLossConfig
+    disc: DiscriminatorConfig
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.run.fsdp:
+            raise ValueError("run.fsdp: the MoVQ trainer supports DDP only")
+        if self.model.resolution != self.data.image_size:
+            raise ValueError(f"model.resolution {self.model.resolution} != data.image_size {self.data.image_size}")
+
+
+TRAINERS: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "movq": MoVQTrainConfig}
+
+
+# ------------------------------------------------------------------------------------ JSON
+
+
+def parse_config(data: dict[str, Any]) -> TrainConfig:
+    """The run config of the trainer named by ``data["trainer"]``; unknown or missing keys raise a
+    ValueError naming them (``section.key``)."""
+    if not isinstance(data, dict) or data.get("trainer") not in TRAINERS:
+        found = data.get("trainer") if isinstance(data, dict) else data
+        raise ValueError(f"a run config needs 'trainer' in {sorted(TRAINERS)}, got {found!r}")
+    return _parse_section(TRAINERS[data["trainer"]], data, "")
+
+
+def _parse_section(cls: type, data: Any, where: str) -> Any:
+    """The dataclass ``cls`` from a JSON object whose keys are exactly its fields (``where``: the key prefix)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'} must be a JSON object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown, missing = sorted(set(data) - set(names)), [n for n in names if n not in data]
+    if unknown or missing:
+        raise ValueError(f"{cls.__name__}: unknown keys {[where + k for k in unknown]}, missing keys "
+                         f"{[where + k for k in missing]}; the keys are {names}")
+    return cls(**{name: _parse_value(hints[name], data[name], where + name) for name in names})
+
+
+def _parse_value(hint: Any, value: Any, where: str) -> Any:
+    """``value`` (from JSON) as the type ``hint``, with an error naming ``where`` when it is not one."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hasattr(hint, "from_dict"):  # a model architecture: its own strict parser
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a JSON object, got {value!r}")
+        try:
+            return hint.from_dict(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
+    if dataclasses.is_dataclass(hint):
+        return _parse_section(hint, value, where + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise ValueError(f"{where} must be a list of {len(args) if args[-1] is not Ellipsis else 'any'} "
+                             f"entries, got {value!r}")
+        types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        return tuple(_parse_value(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(types, value)))
+    expected = {dict: (dict,), bool: (bool,), int: (int,), float: (int, float), str: (str,)}[hint]
+    if not isinstance(value, expected) or (hint is not bool and isinstance(value, bool)):
+        raise ValueError(f"{where} must be of type {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def config_to_dict(config: Any) -> Any:
+    """The JSON form of a run config (or of any section): nested dicts, tuples as lists."""
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (tuple, list)):
+        return [config_to_dict(v) for v in config]
+    return config
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a run config JSON and apply ``key=value`` overrides."""
-    data = json.loads(Path(path).read_text())
-    return config_from_dict(apply_overrides(data, overrides))
+    """Read a run config JSON and apply ``section.key=value`` overrides."""
+    return parse_config(apply_overrides(json.loads(Path(path).read_text()), overrides))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    Path(path).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """A copy of ``data`` with ``key=value`` (or ``dict_field.key=value``) overrides applied."""
+    """A copy of ``data`` with ``section.key=value`` overrides applied (any depth of dots)."""
     data = json.loads(json.dumps(data))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
@@ -240,41 +393,57 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         for parent in parents:
             target = target.setdefault(parent, {})
             if not isinstance(target, dict):
-                raise ValueError(f"override {item!r}: {parent!r} is not a dict field")
+                raise ValueError(f"override {item!r}: {parent!r} is not a section")
         target[leaf] = value
     return data
 
 
-def recipe_stages(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> list[UNetRunConfig]:
-    """The stage configs of a recipe ``{"run": "recipe", "notes": ..., "stages": [config, ...]}``.
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` written over it, objects merged key by key (lists are replaced)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
-    Each stage is a full U-Net run config; overrides apply to every stage. A later stage without
-    ``init_unet`` / ``text_encoder_path`` starts from the previous stage's export
-    (``<out_dir>/final/unet`` and ``<out_dir>/final/text_encoder``, which carries the trained
-    projection and null embedding).
+
+def recipe_stages(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> list[UNetTrainConfig]:
+    """The U-Net run configs of a recipe ``{"trainer": "recipe", "notes", "common", "stages"}``, in order.
+
+    Stage k is ``common`` with ``stages[k]`` merged over it, then the overrides (which thus apply to
+    every stage). A later stage that leaves out ``model.init_unet`` starts from the previous stage's
+    exported model folder ``<out_dir>/final``; one that leaves out ``text.encoder_path`` (and has no
+    ``text.t5_config``) takes its text encoder from there too, with the trained projection and null
+    embedding.
     """
-    unknown = sorted(set(data) - {"run", "notes", "stages"})
-    if data.get("run") != "recipe" or unknown or not data.get("stages"):
-        raise ValueError(f"a recipe needs run='recipe' and a non-empty 'stages' list; unknown keys {unknown}")
-    stages: list[UNetRunConfig] = []
+    unknown = sorted(set(data) - {"trainer", "notes", "common", "stages"})
+    if data.get("trainer") != "recipe" or unknown or not data.get("stages"):
+        raise ValueError(f"a recipe needs trainer='recipe', 'common' and a non-empty 'stages' list; "
+                         f"unknown keys {unknown}")
+    stages: list[UNetTrainConfig] = []
     for index, stage in enumerate(data["stages"]):
-        stage = apply_overrides(stage, overrides)
+        stage = apply_overrides(_merged(data.get("common", {}), stage), overrides)
         if index > 0:
-            previous = Path(stages[-1].out_dir) / "final"
-            stage.setdefault("init_unet", str(previous / "unet"))
-            if not stage.get("t5_config"):
-                stage.setdefault("text_encoder_path", str(previous / "text_encoder"))
-        config = config_from_dict(stage)
-        if not isinstance(config, UNetRunConfig):
-            raise ValueError(f"recipe stage {index} is a {config.run!r} run; recipes hold U-Net runs only")
+            previous = str(Path(stages[-1].run.out_dir) / "final")
+            stage.setdefault("model", {}).setdefault("init_unet", previous)
+            if not stage.setdefault("text", {}).get("t5_config"):
+                stage["text"].setdefault("encoder_path", previous)
+        config = parse_config(stage)
+        if not isinstance(config, UNetTrainConfig):
+            raise ValueError(f"recipe stage {index} is a {config.trainer!r} run; recipes hold U-Net runs only")
         stages.append(config)
     return stages
 
 
-def _check_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(config, name) not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {getattr(config, name)!r}")
-
-
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
+def load_run_configs(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                     stage: int | None = None) -> list[TrainConfig]:
+    """The configs a config file asks to train in order: one run, or a recipe's stages (only ``stage``
+    when given, 0-based)."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and data.get("trainer") == "recipe":
+        stages = recipe_stages(data, overrides)
+        if stage is not None and not 0 <= stage < len(stages):
+            raise ValueError(f"--stage {stage}: the recipe has stages 0..{len(stages) - 1}")
+        return stages if stage is None else [stages[stage]]
+    if stage is not None:
+        raise ValueError("--stage is for recipes (trainer='recipe') only")
+    return [parse_config(apply_overrides(data, overrides))]

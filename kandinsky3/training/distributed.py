@@ -15,7 +15,7 @@ Launch (every trainer; ``CONFIG.json`` is a run config, see :mod:`kandinsky3.tra
 
 Conventions: rank 0 is the only process that logs and writes files. There is no per-rank seed
 offset: every random draw comes from generators seeded by (seed, step) for the whole global batch
-(:mod:`.data`), so results do not depend on the number of processes. Models are wrapped after
+(:mod:`.seeding`), so results do not depend on the number of processes. Models are wrapped after
 they are moved to the device, and the *unwrapped* module is what gets saved.
 """
 

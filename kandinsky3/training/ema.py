@@ -83,12 +83,11 @@ class EMA:
             shadow.copy_(saved)
 
     @torch.no_grad()
-    def copy_to(self, module: nn.Module, exclude_prefix: str | None = None) -> None:
+    def copy_to(self, module: nn.Module) -> None:
         """Write the averaged weights into ``module`` (a plain, unsharded module with the same names)."""
         params = dict(module.named_parameters())
         for name, tensor in zip(self.names, self.shadow):
-            if exclude_prefix is None or not name.startswith(exclude_prefix):
-                params[name].copy_(_full(tensor))
+            params[name].copy_(_full(tensor))
 
 
 def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,22 @@
-"""Optimizers (AdamW, Lion) and the learning-rate schedule as a pure function of the step.
+"""From a loss to updated weights: optimizers (AdamW, Lion), the learning rate as a pure function of the
+step, mixed precision (autocast, loss scaling) and the clipped optimizer step.
 
 References: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", arXiv 1711.05101 (AdamW);
 Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675 (Lion, Algorithm 2).
 The Kandinsky 3 report trained the inpainting model with Lion at lr 1e-5 and 10k warm-up steps
-(SPEC §8).
+(architecture §8).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["Lion", "learning_rate", "param_groups", "build_optimizer"]
+__all__ = ["Lion", "learning_rate", "set_lr", "param_groups", "build_optimizer", "autocast", "make_grad_scaler",
+           "optimizer_step"]
 
 
 class Lion(torch.optim.Optimizer):
@@ -67,6 +70,11 @@ def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
     return base_lr
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """Weight decay on matrices and conv kernels only (ndim >= 2); none on norms, biases, embeddings vectors."""
     decay, no_decay = [], []
@@ -87,3 +95,33 @@ def build_optimizer(
     if name == "lion":
         return Lion(groups, lr=lr, betas=betas)
     raise ValueError(f"optimizer must be 'adamw' or 'lion', got {name!r}")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast context for "bf16" / "fp16" (fp16 needs CUDA); a no-op context for "fp32"."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A loss scaler that is active only for fp16."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters: Iterable[nn.Parameter],
+                   grad_clip: float) -> torch.Tensor | None:
+    """Unscale, clip the global gradient norm to ``grad_clip`` (0 = no clipping), step, update the scaler and
+    clear the gradients. Returns the norm before clipping (a full tensor under FSDP), or None without clipping."""
+    scaler.unscale_(optimizer)
+    grad_norm = None
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kandinsky3.lowmem.t5_stream import load_streamed_t5, should_stream
 from kandinsky3.models.movq import MoVQ, MoVQConfig
 from kandinsky3.models.text_encoder import TextEncoder
 from kandinsky3.models.unet import UNet
@@ -22,34 +23,18 @@ from kandinsky3.models.unet_config import UNetConfig
 from kandinsky3.weights.infer import infer_movq_config, infer_unet_config
 from kandinsky3.weights.safe_io import CheckpointError, check_shapes
 from kandinsky3.weights.sources import ModelSource, TensorSource, TextSource
-from kandinsky3.weights.t5 import load_t5, load_tokenizer
-from kandinsky3.weights.t5_stream import load_streamed_t5, should_stream
+from kandinsky3.weights.t5 import load_t5, load_t5_tokenizer
 
 __all__ = [
     "KINDS",
-    "DTYPES",
-    "parse_dtype",
     "resolve_config",
     "expected_shapes",
     "instantiate",
-    "build_text_encoder",
+    "instantiate_text_encoder",
 ]
 
 KINDS: dict[str, tuple[type[nn.Module], type]] = {"unet": (UNet, UNetConfig), "movq": (MoVQ, MoVQConfig)}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _WHAT = {"unet": "U-Net", "movq": "MoVQ"}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """None, a torch floating dtype, or one of "fp32", "fp16", "bf16" (also "float32", "float16", "bfloat16")."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-        return dtype
-    names = {**DTYPES, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"dtype must be one of {sorted(names)} or a torch dtype, got {dtype!r}")
-    return names[dtype]
 
 
 def resolve_config(kind: str, source: ModelSource, config: Any = None, **infer_kwargs: Any) -> Any:
@@ -91,7 +76,7 @@ def instantiate(
     """Build ``KINDS[kind]`` from ``config`` and fill it from ``tensors`` (dtype None: the stored dtype).
 
     ``device="meta"`` reads no tensor data: the result is a skeleton with the checkpoint's shapes and dtypes, which
-    :func:`kandinsky3.models.residency.adopt` later fills (the pipelines' ``offload="disk"`` mode).
+    :func:`kandinsky3.lowmem.residency.adopt` later fills (the pipelines' ``offload="disk"`` mode).
     """
     expected = expected_shapes(kind, config)
     check_shapes(tensors.shapes(), expected, tensors.path, _WHAT[kind])
@@ -143,14 +128,14 @@ def _check_conditioning(text: TextSource, d_model: int) -> int:
     return context_dim
 
 
-def build_text_encoder(
+def instantiate_text_encoder(
     text: TextSource, *, dtype: torch.dtype | None = None, device="cpu", stream_t5: bool | str = False,
     t5_prefetch: bool = True,
 ) -> TextEncoder:
     """T5 (transformers) + tokenizer + projection + null embedding (zeros when absent, diffusers style).
 
     dtype None: T5 as stored, projection and null embedding as stored. ``stream_t5``: True runs T5 block by block
-    from its files (:mod:`kandinsky3.weights.t5_stream`), "auto" does so when T5 would take more than a third of
+    from its files (:mod:`kandinsky3.lowmem.t5_stream`), "auto" does so when T5 would take more than a third of
     the device's free memory, False loads it whole. ``t5_prefetch`` (streaming only) reads the next block while one
     runs: faster, and one stored block (0.5 GB for Flan-UL2 in fp16) more at the peak.
     """
@@ -164,7 +149,7 @@ def build_text_encoder(
     else:
         t5 = load_t5(folder, variant=text.t5_variant, dtype=dtype, device=device)
     context_dim = _check_conditioning(text, int(t5.config.d_model))
-    tokenizer = load_tokenizer(Path(text.tokenizer_folder))
+    tokenizer = load_t5_tokenizer(Path(text.tokenizer_folder))
     encoder = TextEncoder(t5, tokenizer, context_dim=context_dim)
     target = dtype if dtype is not None else text.conditioning["projection.0.weight"].dtype
     prefix = "projection."

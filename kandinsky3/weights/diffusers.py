@@ -1,4 +1,6 @@
-"""The diffusers Kandinsky 3 layout (``kandinsky-community/kandinsky-3``, SPEC §2.11, §3.5, §7), read without diffusers.
+"""The diffusers Kandinsky 3 layout (``kandinsky-community/kandinsky-3``), read without diffusers.
+
+docs/architecture.md §2.11, §3.5, §7.
 
 A pipeline folder::
 
@@ -11,7 +13,7 @@ A pipeline folder::
 
 Keys are renamed lazily to the original names with :mod:`kandinsky3.weights.unet_keys` and
 :mod:`kandinsky3.weights.movq_keys`. The text projection comes out of the U-Net (``encoder_hid_proj``). There is
-no null embedding, so the conditioning style is "diffusers" (SPEC §4.5).
+no null embedding, so the conditioning style is "diffusers" (docs/architecture.md §4.5).
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from kandinsky3.models.unet_config import UNetConfig
 from kandinsky3.weights.movq_keys import diffusers_to_original_movq, original_to_diffusers_keys
 from kandinsky3.weights.original import read_flat_file
 from kandinsky3.weights.safe_io import CheckpointError
-from kandinsky3.weights.sources import ModelSource, RenamedSource, SafetensorsSource, TensorSource, TextSource
+from kandinsky3.weights.sources import (
+    Checkpoint,
+    ModelSource,
+    RenamedSource,
+    SafetensorsSource,
+    TensorSource,
+    TextSource,
+)
 from kandinsky3.weights.unet_keys import diffusers_to_original_unet
 
 __all__ = [
@@ -42,7 +51,7 @@ __all__ = [
 ]
 
 _WEIGHT_STEM = "diffusion_pytorch_model"
-_SPATIAL_NORM_GROUPS = 32  # diffusers' SpatialNorm hard-codes 32 groups (SPEC §3.2)
+_SPATIAL_NORM_GROUPS = 32  # diffusers' SpatialNorm hard-codes 32 groups (docs/architecture.md §3.2)
 
 
 def is_diffusers_folder(root: Path) -> bool:
@@ -105,7 +114,7 @@ def unet_from_diffusers(folder: Path, prefer_fp16: bool = False) -> tuple[ModelS
 
 
 def movq_config_from_diffusers(config: dict[str, Any], path: Path | None = None) -> MoVQConfig:
-    """MoVQConfig of a diffusers ``VQModel`` config (SPEC §3.1); the unused codebook is not kept.
+    """MoVQConfig of a diffusers ``VQModel`` config (docs/architecture.md §3.1); the unused codebook is not kept.
 
     Attention levels follow the resolution-256 convention (level i works at 256 // 2**i).
     """
@@ -174,7 +183,7 @@ def _has_plain_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in names)
 
 
-class DiffusersCheckpoint:
+class DiffusersCheckpoint(Checkpoint):
     """A local diffusers Kandinsky 3 pipeline folder. Only the base model exists in this layout.
 
     ``prefer_fp16`` picks the fp16 variant files when both they and full-precision files are present.
@@ -182,7 +191,6 @@ class DiffusersCheckpoint:
 
     layout = "diffusers"
     conditioning = "diffusers"
-    generation = None
 
     def __init__(self, root: str | Path, variant: str | None = None, *, prefer_fp16: bool = False):
         self.root = Path(root)

@@ -2,12 +2,12 @@
 
 Shapes determine everything except the attention head size and the GroupNorm group count (and MoVQ's training
 resolution). Those default to the released values (head_dim 64, groups 32; MoVQ norm_groups 32, resolution 256,
-SPEC §2.1, §3.1); a checkpoint whose widths they do not divide needs them passed explicitly.
+docs/architecture.md §2.1, §3.1); a checkpoint whose widths they do not divide needs them passed explicitly.
 
-Per-level U-Net tuples follow the zip semantics of :class:`kandinsky3.models.unet_config.UNetConfig` (SPEC §10.2):
-the down path reads ``tuple[:n]``, the up path ``tuple[::-1][:n]``. When the up levels mirror the down levels the
-inferred tuples have n entries; otherwise they have 2n entries ``down + reversed(up)``, which reproduces e.g.
-diffusers' 2-level configs (down attention (False, True), up attention (True, True)).
+Per-level U-Net tuples follow the zip semantics of :class:`kandinsky3.models.unet_config.UNetConfig`
+(docs/architecture.md §10.2): the down path reads ``tuple[:n]``, the up path ``tuple[::-1][:n]``. When the up levels
+mirror the down levels the inferred tuples have n entries; otherwise they have 2n entries ``down + reversed(up)``,
+which reproduces e.g. diffusers' 2-level configs (down attention (False, True), up attention (True, True)).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _level_flags(shapes: Shapes, prefix: str, path: Path | None) -> tuple[int, b
 def infer_unet_config(
     shapes: Shapes, *, head_dim: int = 64, groups: int = 32, path: Path | None = None
 ) -> UNetConfig:
-    """UNetConfig of an original-layout U-Net state dict (SPEC §2.10) from its shapes ``{key: shape}``."""
+    """UNetConfig of an original-layout U-Net state dict (architecture §2.10) from its shapes ``{key: shape}``."""
     init_channels, num_channels = _need(shapes, "in_layer.weight", path, "U-Net")[:2]
     levels = _contiguous(_indices(shapes, "down_samples."), "down_samples", path)
     if _indices(shapes, "up_samples.") != list(range(levels)):
@@ -133,7 +133,7 @@ def infer_unet_config(
 def infer_movq_config(
     shapes: Shapes, *, norm_groups: int = 32, resolution: int = 256, path: Path | None = None
 ) -> MoVQConfig:
-    """MoVQConfig of an original-layout MoVQ state dict (SPEC §3.4) from its shapes ``{key: shape}``.
+    """MoVQConfig of an original-layout MoVQ state dict (docs/architecture.md §3.4) from its shapes ``{key: shape}``.
 
     Attention levels become ``attn_resolutions`` under the convention that level i works at
     ``resolution // 2**i`` (the released model: resolution 256, attention at 32 = level 3).

@@ -1,6 +1,6 @@
 """MoVQ state-dict conversion: original ``movq.pt`` layout <-> diffusers ``VQModel(norm_type="spatial")`` layout.
 
-References: SPEC.md §3.4 (original key names) and §3.5 (rename rules). The original layout is exactly the
+References: docs/architecture.md §3.4 (original key names) and §3.5 (rename rules). The original layout is exactly the
 ``state_dict()`` of ``kandinsky3.models.movq.MoVQ``. Rules, generic in the number of levels and blocks:
 
 - ``encoder.down.{i}.block.{j}`` -> ``encoder.down_blocks.{i}.resnets.{j}``; ``.attn.{j}`` -> ``.attentions.{j}``;

@@ -1,35 +1,56 @@
-"""The native kandinsky3 layout: one folder per model, configs as JSON next to safetensors weights.
+"""The native kandinsky3 layout: the one reader and the one writer of model folders.
 
 ::
 
     kandinsky3.json              {"format": "kandinsky3", "format_version": 1, "conditioning": "original"|"diffusers",
                                   "variant": "base"|"flash"|"inpainting", "components": [...],
-                                  optional "scheduler_config" (kept from a diffusers source) and "source"}
+                                  "sampling_defaults": {"width": W, "height": H, optional "guidance_scale",
+                                  "steps", "sampler"}, optional "scheduler_config" (kept from a diffusers source)
+                                  and "source"}
     unet/config.json             UNetConfig.to_dict()
-    unet/model.safetensors       original key names (SPEC §2.10)
+    unet/model.safetensors       original key names (docs/architecture.md §2.10)
     movq/config.json             MoVQConfig.to_dict()
-    movq/model.safetensors       original key names (SPEC §3.4)
+    movq/model.safetensors       original key names (docs/architecture.md §3.4)
     text_encoder/                T5EncoderModel config.json + model.safetensors, tokenizer files
     text_encoder/conditioning.safetensors   projection.{0.weight,1.weight,1.bias} [+ null_embedding]
 
-Configs load with ``from_dict``, which rejects unknown and missing keys (STYLE habit 2). Weights are written one
-tensor at a time (:func:`kandinsky3.weights.safe_io.write_safetensors`).
+A folder holds any non-empty subset of the components (a MoVQ run exports only ``movq/``). Folders written
+before ``sampling_defaults`` existed read as 1024×1024, the released models' size.
+
+Reading: :class:`NativeCheckpoint` opens a whole folder; :func:`read_component` and :func:`read_text_folder` read
+one component folder. Writing: :func:`write_native`, from networks in memory, state dicts or another checkpoint's
+lazy sources, used by the converter, ``save_native`` and the trainers. It fills a temporary folder beside the
+target and renames it into place when complete: an interrupted write leaves nothing under the target's name, and
+an existing target is replaced only once its successor is complete. Configs load with ``from_dict``, which rejects
+unknown and missing keys; weights are written one tensor at a time
+(:func:`kandinsky3.weights.safe_io.write_safetensors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
+from torch import nn
 
-from kandinsky3.weights.build import KINDS, cast, expected_shapes
+from kandinsky3.components import COMPONENTS, SamplingDefaults, parse_dtype
+from kandinsky3.lowmem.storage import is_streamed
+from kandinsky3.models.text_encoder import TextEncoder
+from kandinsky3.weights.build import KINDS, cast, expected_shapes, resolve_config
 from kandinsky3.weights.diffusers import read_json
 from kandinsky3.weights.original import VARIANTS
 from kandinsky3.weights.safe_io import CheckpointError, check_shapes, write_safetensors
-from kandinsky3.weights.sources import ModelSource, SafetensorsSource, TextSource
+from kandinsky3.weights.sources import Checkpoint, DictSource, ModelSource, SafetensorsSource, TensorSource, TextSource
+from kandinsky3.weights.t5 import copy_tokenizer_files, load_t5_config, t5_weight_source, write_t5
 
 __all__ = [
     "FORMAT",
@@ -38,69 +59,62 @@ __all__ = [
     "CONDITIONING_FILE",
     "is_native_folder",
     "read_manifest",
-    "write_manifest",
     "read_component",
-    "write_component",
-    "write_conditioning",
+    "read_text_folder",
     "NativeCheckpoint",
+    "check_destination",
+    "manifest_fields",
+    "write_native",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "kandinsky3"
 FORMAT_VERSION = 1
 MANIFEST = "kandinsky3.json"
 CONDITIONING_FILE = "conditioning.safetensors"
-COMPONENTS = ("unet", "movq", "text_encoder")
+CONDITIONINGS = ("original", "diffusers")
 _REQUIRED = ("format", "format_version", "conditioning", "variant", "components")
-_OPTIONAL = ("scheduler_config", "source")
+_OPTIONAL = ("sampling_defaults", "scheduler_config", "source")
+
+# What write_native accepts for one component (see its docstring).
+ModelWeights = Union[nn.Module, tuple[Any, Mapping[str, torch.Tensor]], ModelSource, Checkpoint]
+TextWeights = Union[TextEncoder, tuple[TextEncoder, Mapping[str, torch.Tensor]], TextSource, Checkpoint]
+
+
+# --------------------------------------------------------------------------------------------------- reading
 
 
 def is_native_folder(root: Path) -> bool:
     return (root / MANIFEST).is_file()
 
 
+def _check_manifest(data: dict[str, Any], where: Path | None) -> None:
+    """Raise a CheckpointError naming ``where`` unless ``data`` is a valid manifest."""
+    unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
+    missing = sorted(set(_REQUIRED) - set(data))
+    if unknown or missing:
+        raise CheckpointError(where, f"unknown keys {unknown}, missing keys {missing}")
+    if data["format"] != FORMAT or data["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            where,
+            f"format {data['format']!r} version {data['format_version']!r}; this code reads "
+            f"{FORMAT!r} version {FORMAT_VERSION}",
+        )
+    if data["conditioning"] not in CONDITIONINGS or data["variant"] not in VARIANTS:
+        raise CheckpointError(where, f"bad conditioning {data['conditioning']!r} or variant {data['variant']!r}")
+    if not data["components"] or not set(data["components"]) <= set(COMPONENTS):
+        raise CheckpointError(
+            where, f"components {data['components']} are not a non-empty subset of {list(COMPONENTS)}"
+        )
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
     """Read and validate ``kandinsky3.json``; unknown or missing keys are an error."""
     path = root / MANIFEST
     data = read_json(path)
-    unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
-    missing = sorted(set(_REQUIRED) - set(data))
-    if unknown or missing:
-        raise CheckpointError(path, f"unknown keys {unknown}, missing keys {missing}")
-    if data["format"] != FORMAT or data["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(
-            path,
-            f"format {data['format']!r} version {data['format_version']!r}; this code reads "
-            f"{FORMAT!r} version {FORMAT_VERSION}",
-        )
-    if data["conditioning"] not in ("original", "diffusers") or data["variant"] not in VARIANTS:
-        raise CheckpointError(path, f"bad conditioning {data['conditioning']!r} or variant {data['variant']!r}")
-    if not set(data["components"]) <= set(COMPONENTS):
-        raise CheckpointError(path, f"components {data['components']} are not a subset of {list(COMPONENTS)}")
+    _check_manifest(data, path)
     return data
-
-
-def write_manifest(
-    root: Path,
-    *,
-    conditioning: str,
-    variant: str,
-    components: list[str],
-    scheduler_config: Mapping[str, Any] | None = None,
-    source: str | None = None,
-) -> None:
-    data: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "conditioning": conditioning,
-        "variant": variant,
-        "components": [name for name in COMPONENTS if name in components],
-    }
-    if scheduler_config is not None:
-        data["scheduler_config"] = dict(scheduler_config)
-    if source is not None:
-        data["source"] = source
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read_component(folder: Path, kind: str, weights: Path | None = None) -> ModelSource:
@@ -115,8 +129,139 @@ def read_component(folder: Path, kind: str, weights: Path | None = None) -> Mode
     return ModelSource(SafetensorsSource(weights or folder / "model.safetensors"), config)
 
 
-def write_component(folder: Path, kind: str, source: ModelSource, dtype: torch.dtype | None) -> None:
-    """Stream a "unet" or "movq" source (its ``config`` must be set) into ``folder``; floating tensors -> dtype."""
+def read_text_folder(folder: Path) -> TextSource:
+    """A native ``text_encoder/`` folder: T5 + tokenizer, projection (+ null embedding) from its conditioning file."""
+    source = SafetensorsSource(folder / CONDITIONING_FILE)
+    conditioning = {key: source[key] for key in source}
+    return TextSource(folder, folder, conditioning, conditioning_files=[source.path])
+
+
+class NativeCheckpoint(Checkpoint):
+    """A native folder; ``variant`` (if given) must match the one it records."""
+
+    layout = "native"
+
+    def __init__(self, root: str | Path, variant: str | None = None):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        if variant is not None and variant != self.manifest["variant"]:
+            raise CheckpointError(
+                self.root, f"holds the {self.manifest['variant']!r} variant, but variant {variant!r} was requested"
+            )
+        self.variant = self.manifest["variant"]
+        self.conditioning = self.manifest["conditioning"]
+        self.scheduler_config = self.manifest.get("scheduler_config")
+        recorded = self.manifest.get("sampling_defaults")
+        try:
+            self.sampling_defaults = SamplingDefaults() if recorded is None else SamplingDefaults.from_dict(recorded)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(self.root / MANIFEST, str(error)) from None
+
+    def _require(self, component: str) -> Path:
+        if component not in self.manifest["components"]:
+            present = self.manifest["components"]
+            raise CheckpointError(self.root / MANIFEST, f"this folder has no {component} (it has {present})")
+        return self.root / component
+
+    def unet_source(self) -> ModelSource:
+        return read_component(self._require("unet"), "unet")
+
+    def movq_source(self) -> ModelSource:
+        return read_component(self._require("movq"), "movq")
+
+    def text_source(self) -> TextSource:
+        text = read_text_folder(self._require("text_encoder"))
+        if text.style != self.conditioning:
+            raise CheckpointError(
+                text.conditioning_files[0],
+                f"conditioning {self.conditioning!r} in {MANIFEST} does not match the tensors "
+                f"{sorted(text.conditioning)}",
+            )
+        return text
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+
+def manifest_fields(model: Any) -> dict[str, Any]:
+    """``conditioning``, ``variant``, ``sampling_defaults`` and ``scheduler_config`` of an opened checkpoint or of
+    loaded ``Components``, as :func:`write_native` keywords: what a copy of the model keeps."""
+    return {name: getattr(model, name) for name in ("conditioning", "variant", "sampling_defaults", "scheduler_config")}
+
+
+def write_native(
+    folder: str | Path,
+    *,
+    unet: ModelWeights | None = None,
+    movq: ModelWeights | None = None,
+    text_encoder: TextWeights | None = None,
+    conditioning: str = "original",
+    variant: str = "base",
+    sampling_defaults: SamplingDefaults | None = None,
+    scheduler_config: Mapping[str, Any] | None = None,
+    source: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a native model folder holding the components given (at least one); returns ``folder``.
+
+    Each of ``unet`` / ``movq`` is a network (its ``config`` and ``state_dict()`` are written), a pair
+    ``(network or its config, state dict)`` (e.g. weights gathered from FSDP shards with a full state dict), a
+    :class:`ModelSource` (lazy tensors + config; config None: inferred from the shapes), or an opened
+    :class:`Checkpoint` to copy the component from, tensor by tensor. ``text_encoder`` is a :class:`TextEncoder`,
+    a pair ``(TextEncoder, its full state dict)`` (T5 config and tokenizer from the module, tensors from the dict),
+    a :class:`TextSource`, or a :class:`Checkpoint`. ``conditioning`` ("original" keeps the null embedding,
+    "diffusers" has none) must match a copied text encoder's. ``sampling_defaults`` None records 1024×1024.
+    ``dtype`` ("fp16", "bf16", "fp32", a torch dtype, or None to keep) applies to floating tensors; T5's ``wo``
+    stays fp32 under fp16. A non-empty ``folder`` is a FileExistsError unless ``overwrite``.
+    """
+    folder, dtype = Path(folder), parse_dtype(dtype)
+    given = {"unet": unet, "movq": movq, "text_encoder": text_encoder}
+    present = [name for name in COMPONENTS if given[name] is not None]
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "conditioning": conditioning, "variant": variant,
+        "components": present, "sampling_defaults": (sampling_defaults or SamplingDefaults()).to_dict(),
+    }
+    if scheduler_config is not None:
+        manifest["scheduler_config"] = dict(scheduler_config)
+    if source is not None:
+        manifest["source"] = source
+    _check_manifest(manifest, None)
+    check_destination(folder, overwrite)
+    models = {kind: _model_source(kind, given[kind]) for kind in ("unet", "movq") if given[kind] is not None}
+    text = None if text_encoder is None else _text_parts(text_encoder, conditioning)
+    with _staging(folder) as staging:
+        for kind, model in models.items():
+            logger.info("writing %s (from %s)", kind, model.tensors.path or "memory")
+            _write_component(staging / kind, kind, model, dtype)
+        if text is not None:
+            logger.info("writing the text encoder (T5 from %s)", text.t5.path or "memory")
+            _write_text_folder(staging / "text_encoder", text, dtype)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def _model_source(kind: str, value: ModelWeights) -> ModelSource:
+    """A "unet"/"movq" argument of :func:`write_native` as lazy tensors with a config."""
+    network, config_type = KINDS[kind]
+    if isinstance(value, Checkpoint):
+        value = value.unet_source() if kind == "unet" else value.movq_source()
+    if isinstance(value, ModelSource):
+        return ModelSource(value.tensors, resolve_config(kind, value))
+    if isinstance(value, network):
+        return ModelSource(DictSource(value.state_dict(), None), value.config)
+    if isinstance(value, tuple) and len(value) == 2:
+        config = value[0].config if isinstance(value[0], network) else value[0]
+        if isinstance(config, config_type):
+            return ModelSource(DictSource(value[1], None), config)
+    raise TypeError(
+        f"{kind} must be a {network.__name__}, a ({network.__name__} or {config_type.__name__}, state dict) pair, "
+        f"a ModelSource or an opened checkpoint; got {type(value).__name__}"
+    )
+
+
+def _write_component(folder: Path, kind: str, source: ModelSource, dtype: torch.dtype | None) -> None:
+    """Stream a "unet" or "movq" source (its ``config`` set) into ``folder``; floating tensors -> dtype."""
     expected = expected_shapes(kind, source.config)
     tensors = source.tensors
     check_shapes(tensors.shapes(), expected, tensors.path, {"unet": "U-Net", "movq": "MoVQ"}[kind])
@@ -135,53 +280,80 @@ def write_component(folder: Path, kind: str, source: ModelSource, dtype: torch.d
     write_safetensors(folder / "model.safetensors", layout, fetch, {"format": "pt", "kandinsky3": kind})
 
 
-def write_conditioning(path: Path, conditioning: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> None:
-    """``projection.*`` (+ ``null_embedding`` as a (C,) vector) -> ``conditioning.safetensors``."""
+@dataclass
+class _TextParts:
+    """What ``text_encoder/`` is written from: T5 config and tensors, a tokenizer (an object with
+    ``save_pretrained`` or a folder whose tokenizer files are copied) and the conditioning tensors."""
+
+    t5_config: Any
+    t5: TensorSource
+    tokenizer: Any
+    conditioning: dict[str, torch.Tensor]
+
+
+def _text_parts(value: TextWeights, conditioning: str) -> _TextParts:
+    if isinstance(value, Checkpoint):
+        value = value.text_source()
+    if isinstance(value, TextSource):
+        if value.style != conditioning:
+            raise ValueError(f"the text encoder has {value.style!r} conditioning, but {conditioning!r} was asked for")
+        folder = Path(value.t5_folder)
+        return _TextParts(load_t5_config(folder), t5_weight_source(folder, value.t5_variant),
+                          Path(value.tokenizer_folder), dict(value.conditioning))
+    encoder, state = value if isinstance(value, tuple) else (value, None)
+    if not isinstance(encoder, TextEncoder):
+        raise TypeError(f"text_encoder must be a TextEncoder, a (TextEncoder, state dict) pair, a TextSource or an "
+                        f"opened checkpoint; got {type(encoder).__name__}")
+    if state is None:
+        if is_streamed(encoder.t5):
+            raise ValueError("this text encoder streams its T5 from disk and holds no weights to save; load it with "
+                             "stream_t5=False, or convert the checkpoint folder with `kandinsky3 convert`")
+        state = encoder.state_dict()
+    kept = {key: state[key] for key in state if key.startswith("projection.")}
+    if conditioning == "original":
+        kept["null_embedding"] = state["null_embedding"]
+    t5 = DictSource({key[len("t5."):]: tensor for key, tensor in state.items() if key.startswith("t5.")}, None)
+    return _TextParts(encoder.t5.config, t5, encoder.tokenizer, kept)
+
+
+def _write_text_folder(folder: Path, text: _TextParts, dtype: torch.dtype | None) -> None:
+    """T5 config + weights, tokenizer files and ``conditioning.safetensors`` (null embedding as a (C,) vector)."""
+    write_t5(folder, text.t5_config, text.t5, dtype)
+    if isinstance(text.tokenizer, Path):
+        copy_tokenizer_files(text.tokenizer, folder)
+    else:
+        text.tokenizer.save_pretrained(str(folder))
     tensors = {}
-    for key, value in conditioning.items():
+    for key, value in text.conditioning.items():
         value = value.reshape(-1) if key == "null_embedding" else value
         tensors[key] = cast(value.detach(), dtype).contiguous()
     layout = {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(path, layout, tensors.__getitem__, {"format": "pt"})
+    write_safetensors(folder / CONDITIONING_FILE, layout, tensors.__getitem__, {"format": "pt"})
 
 
-class NativeCheckpoint:
-    """A native folder; ``variant`` (if given) must match the one it records."""
+def check_destination(folder: Path, overwrite: bool) -> None:
+    """Refuse (FileExistsError) to replace a non-empty ``folder`` unless ``overwrite``."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
 
-    layout = "native"
-    generation = None
 
-    def __init__(self, root: str | Path, variant: str | None = None):
-        self.root = Path(root)
-        self.manifest = read_manifest(self.root)
-        if variant is not None and variant != self.manifest["variant"]:
-            raise CheckpointError(
-                self.root, f"holds the {self.manifest['variant']!r} variant, but variant {variant!r} was requested"
-            )
-        self.variant = self.manifest["variant"]
-        self.conditioning = self.manifest["conditioning"]
-        self.scheduler_config = self.manifest.get("scheduler_config")
-
-    def _require(self, component: str) -> Path:
-        if component not in self.manifest["components"]:
-            present = self.manifest["components"]
-            raise CheckpointError(self.root / MANIFEST, f"this folder has no {component} (it has {present})")
-        return self.root / component
-
-    def unet_source(self) -> ModelSource:
-        return read_component(self._require("unet"), "unet")
-
-    def movq_source(self) -> ModelSource:
-        return read_component(self._require("movq"), "movq")
-
-    def text_source(self) -> TextSource:
-        folder = self._require("text_encoder")
-        source = SafetensorsSource(folder / CONDITIONING_FILE)
-        conditioning = {key: source[key] for key in source}
-        if (self.conditioning == "original") != ("null_embedding" in conditioning):
-            raise CheckpointError(
-                source.path,
-                f"conditioning {self.conditioning!r} in {MANIFEST} does not match the tensors {sorted(conditioning)}",
-            )
-        return TextSource(folder, folder, conditioning, conditioning_files=[source.path])
+@contextlib.contextmanager
+def _staging(folder: Path) -> Iterator[Path]:
+    """A new folder beside ``folder`` to write into. On success it takes ``folder``'s place (a previous ``folder``
+    is moved aside first and deleted last); on error it is removed and ``folder`` is left as it was."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = folder.with_name(f".{folder.name}.partial-{tag}")
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = None
+    if folder.is_symlink() or folder.exists():
+        previous = folder.with_name(f".{folder.name}.previous-{tag}")
+        folder.rename(previous)
+    staging.rename(folder)
+    if previous is not None:
+        shutil.rmtree(previous) if previous.is_dir() and not previous.is_symlink() else previous.unlink()

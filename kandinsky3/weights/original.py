@@ -1,4 +1,4 @@
-"""The ai-forever Kandinsky 3.0 / 3.1 checkpoint layouts (SPEC §2.10, §4.3, §7).
+"""The ai-forever Kandinsky 3.0 / 3.1 checkpoint layouts (docs/architecture.md §2.10, §4.3, §7).
 
 A checkpoint folder (a local copy of ``ai-forever/Kandinsky3.1`` or ``ai-forever/Kandinsky3.0``)::
 
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from kandinsky3.weights.safe_io import CheckpointError, load_torch_file
-from kandinsky3.weights.sources import DictSource, ModelSource, TextSource
+from kandinsky3.weights.sources import Checkpoint, DictSource, ModelSource, TextSource
 from kandinsky3.weights.unet_keys import PROJECTION_FROM_3_0
 
 __all__ = [
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 VARIANTS = ("base", "flash", "inpainting")
 _SUFFIX = {"base": "", "flash": "_flash", "inpainting": "_inpainting"}
-FLAN_UL2 = "google/flan-ul2"  # the 3.0 text encoder (SPEC §4.1)
+FLAN_UL2 = "google/flan-ul2"  # the 3.0 text encoder (docs/architecture.md §4.1)
 ENCODER_FOLDER = "flan_ul2_encoder"  # the 3.1 text encoder, inside weights/
 _CONTAINER_KEYS = ("unet", "null_embedding", "projections")
 _PROJECTION_KEYS = ("0.weight", "1.weight", "1.bias")
@@ -138,15 +138,16 @@ def read_projection(path: Path) -> dict[str, torch.Tensor]:
     return {key: source[key] for key in _PROJECTION_KEYS}
 
 
-class OriginalCheckpoint:
+class OriginalCheckpoint(Checkpoint):
     """A local ai-forever checkpoint folder for one variant ("base", "flash" or "inpainting").
 
     ``t5_resolver`` turns the 3.0 text-encoder repo id (``google/flan-ul2``) into a local folder; it is only
     called when the text encoder is requested and neither ``t5_path`` nor ``weights/flan_ul2_encoder/`` exists.
+    The U-Net file is opened (memory-mapped) anew by each ``*_source`` call rather than kept open, so a checkpoint
+    object held between loads (disk offload) keeps no file pages mapped.
     """
 
     layout = "original"
-    scheduler_config = None
     conditioning = "original"
 
     def __init__(
@@ -168,27 +169,26 @@ class OriginalCheckpoint:
             )
         self.t5_path = None if t5_path is None else Path(t5_path)
         self.t5_resolver = t5_resolver
-        self._container: UNetContainer | None = None
+        self._generation: str | None = None
 
-    @property
-    def container(self) -> UNetContainer:
-        if self._container is None:
-            self._container = read_unet_container(self.unet_path)
-        return self._container
+    def _container(self) -> UNetContainer:
+        container = read_unet_container(self.unet_path)
+        self._generation = container.generation
+        return container
 
     @property
     def generation(self) -> str:
         """"3.0" or "3.1", from the presence of ``projections`` in the U-Net file."""
-        return self.container.generation
+        return self._generation or self._container().generation
 
     def unet_source(self) -> ModelSource:
-        return ModelSource(self.container.unet)
+        return ModelSource(self._container().unet)
 
     def movq_source(self) -> ModelSource:
         return ModelSource(read_flat_file(self.weights / "movq.pt"))
 
     def text_source(self) -> TextSource:
-        container = self.container
+        container = self._container()
         files = [container.path]
         if container.projection is not None:
             projection = container.projection

@@ -3,8 +3,12 @@
 A :class:`TensorSource` is a read-only mapping ``key -> tensor`` that knows every tensor's shape and dtype
 without reading it (:meth:`TensorSource.meta`) and reads one tensor per ``source[key]``. Loaders and the
 converter consume sources one tensor at a time, so peak memory stays near one model in the target dtype (loading)
-or one tensor (converting). Keys are always the *original* Kandinsky 3 names (SPEC §2.10, §3.4): layouts with
-other names are wrapped in a :class:`RenamedSource`.
+or one tensor (converting). Keys are always the *original* Kandinsky 3 names (docs/architecture.md §2.10, §3.4):
+layouts with other names are wrapped in a :class:`RenamedSource`.
+
+A :class:`Checkpoint` is one model's files in one layout, opened once: it hands out a :class:`ModelSource` per
+network and a :class:`TextSource` for the text encoder, and says how the model is conditioned and what it renders
+by default.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import torch
 
+from kandinsky3.components import SamplingDefaults
 from kandinsky3.weights.safe_io import SAFETENSORS_DTYPES, CheckpointError, release_pages
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "MergedSource",
     "ModelSource",
     "TextSource",
+    "Checkpoint",
 ]
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header size
@@ -150,8 +156,8 @@ class SafetensorsSource(TensorSource):
 class RenamedSource(TensorSource):
     """A view of ``base`` under new names: ``names[new] = old``; ``shapes[new]`` reshapes (same numel).
 
-    Used for diffusers checkpoints (SPEC §2.11, §3.5): renames, plus the MoVQ attention weights (C,C) <->
-    (C,C,1,1).
+    Used for diffusers checkpoints (docs/architecture.md §2.11, §3.5): renames, plus the MoVQ attention weights
+    (C,C) <-> (C,C,1,1).
     """
 
     def __init__(
@@ -235,5 +241,35 @@ class TextSource:
 
     @property
     def style(self) -> str:
-        """"original" when a null embedding is present (SPEC §4.5), else "diffusers"."""
+        """"original" when a null embedding is present (docs/architecture.md §4.5), else "diffusers"."""
         return "original" if "null_embedding" in self.conditioning else "diffusers"
+
+
+class Checkpoint:
+    """One model's files in one layout, opened by :func:`kandinsky3.weights.open_checkpoint`; nothing is read
+    before a ``*_source`` call. Subclasses: ``OriginalCheckpoint``, ``DiffusersCheckpoint``, ``NativeCheckpoint``.
+
+    ``root``: the local folder; ``layout``: "original", "diffusers" or "native"; ``variant``: "base", "flash" or
+    "inpainting";
+    ``conditioning``: "original" (null-embedding unconditional context) or "diffusers" (none);
+    ``generation``: "3.0" / "3.1" for original checkpoints, else None; ``scheduler_config``: the diffusers
+    scheduler config when the checkpoint has one; ``sampling_defaults``: the size (and, where recorded, guidance,
+    steps, sampler) the model renders with by default.
+    """
+
+    root: Path
+    layout: str
+    variant: str
+    conditioning: str
+    generation: str | None = None
+    scheduler_config: dict[str, Any] | None = None
+    sampling_defaults: SamplingDefaults = SamplingDefaults()  # the released models: 1024×1024
+
+    def unet_source(self) -> ModelSource:
+        raise NotImplementedError
+
+    def movq_source(self) -> ModelSource:
+        raise NotImplementedError
+
+    def text_source(self) -> TextSource:
+        raise NotImplementedError

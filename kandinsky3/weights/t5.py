@@ -1,12 +1,12 @@
 """T5 encoder folders: loading with transformers, and streaming them into a single ``model.safetensors``.
 
-The T5 network is ``transformers.T5EncoderModel`` (SPEC §4.1). Source folders come in three shapes: the 3.1
+The T5 network is ``transformers.T5EncoderModel`` (architecture §4.1). Source folders come in three shapes: the 3.1
 ``flan_ul2_encoder/`` (four ``pytorch_model-*.bin`` shards + index), the diffusers ``text_encoder/`` (fp16-variant
 safetensors shards ``model.fp16-*.safetensors`` + ``model.safetensors.index.fp16.json``) and ``google/flan-ul2``
 (a full encoder-decoder checkpoint: only ``shared.weight`` and ``encoder.*`` are kept).
 
 fp16 targets keep the feed-forward output ``wo`` in fp32, as transformers itself does when it loads T5 in fp16
-(``T5EncoderModel._keep_in_fp32_modules``; the activations overflow otherwise, SPEC §4.7).
+(``T5EncoderModel._keep_in_fp32_modules``; the activations overflow otherwise, docs/architecture.md §4.7).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "load_t5",
     "load_t5_config",
-    "load_tokenizer",
+    "load_t5_tokenizer",
     "t5_weight_source",
     "t5_target_dtypes",
     "write_t5",
@@ -69,7 +69,7 @@ def load_t5_config(folder: Path):
         raise CheckpointError(folder, f"holds no T5 config.json ({first_line(error)})") from None
 
 
-def load_tokenizer(folder: Path):
+def load_t5_tokenizer(folder: Path):
     """The T5 tokenizer stored in ``folder`` (``AutoTokenizer``: spiece.model and/or tokenizer.json)."""
     from transformers import AutoTokenizer
 

@@ -1,6 +1,6 @@
 """Rename tables between the original Kandinsky 3 U-Net keys and diffusers' ``Kandinsky3UNet``.
 
-SPEC §2.10–2.11.  diffusers folds the text projection into the U-Net
+docs/architecture.md §2.10–2.11.  diffusers folds the text projection into the U-Net
 (``encoder_hid_proj.projection_linear`` / ``projection_norm``); the original keeps it apart
 (3.0: ``projections`` with ``t5.0.weight``, ``t5.1.{weight,bias}``; 3.1: ``projection.pt`` with
 ``0.weight``, ``1.{weight,bias}``).  Here the projection is always the flat 3.1 layout

@@ -1,11 +1,11 @@
-"""Random inpainting masks and the inpainting U-Net input, as the inference pipeline builds it.
+"""Random inpainting masks for training, drawn from a generator.
 
 Mask convention here: **1 = repaint** (the region the model generates), 0 = keep; the same as
 the inpainting pipeline's user mask. The U-Net's mask channel is the opposite, keep = 1 − repaint
-(SPEC §2.9).
+(architecture §2.9).
 
 The Kandinsky 3 report trained inpainting on "rectangles, circles, strokes and arbitrary shapes,
-up to 3 per image" (SPEC §8). :func:`random_mask` draws 1-3 shapes among axis-aligned rectangles,
+up to 3 per image" (architecture §8). :func:`random_mask` draws 1-3 shapes among axis-aligned rectangles,
 ellipses and free-form brush strokes (a thick random polyline), and keeps the union's area
 fraction inside a stated range (default 5-60%): shapes are drawn for a target area, redrawn with
 rescaled sizes when the union misses the range, and as a last resort replaced by one rectangle of
@@ -18,9 +18,8 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["MaskSample", "random_mask", "random_masks", "SHAPE_KINDS", "inpainting_conditioning"]
+__all__ = ["MaskSample", "random_mask", "random_masks", "SHAPE_KINDS"]
 
 SHAPE_KINDS = ("rectangle", "ellipse", "stroke")
 _MAX_TRIES = 8
@@ -133,18 +132,3 @@ def random_masks(
 ) -> torch.Tensor:
     """(B,1,H,W) repaint masks, one per generator (1 = repaint)."""
     return torch.stack([random_mask(height, width, g, coverage).mask for g in generators])[:, None]
-
-
-def inpainting_conditioning(movq: torch.nn.Module, pixels: torch.Tensor, repaint: torch.Tensor) -> torch.Tensor:
-    """The 5 extra U-Net channels [keep (1), masked-image latent (4)] -> (B,5,h,w).
-
-    pixels (B,3,H,W) in [-1,1], repaint (B,1,H,W) with 1 = repaint. The same three steps as the
-    inference pipeline (``Kandinsky3InpaintingPipeline._conditioning_channels``): keep = 1 − repaint;
-    every pixel not fully kept is set to 0 (mid-grey) and the result is MoVQ-encoded; keep is
-    resized to the latent size by nearest neighbour. The MoVQ is frozen: no gradient flows.
-    """
-    keep = 1.0 - repaint
-    with torch.no_grad():
-        masked_latent = movq.encode(pixels * (keep == 1)).float()  # (B,4,h,w)
-    keep_latent = F.interpolate(keep, size=masked_latent.shape[-2:], mode="nearest")  # (B,1,h,w)
-    return torch.cat([keep_latent, masked_latent], dim=1)

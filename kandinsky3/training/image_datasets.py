@@ -1,37 +1,26 @@
-"""Training data: image-caption datasets, the deterministic global batch order, per-step randomness.
+"""Image-caption datasets and how a trainer reads them by dataset index.
 
 Datasets return ``(image, caption)`` with image (3,S,S) float32 in [-1,1] and caption a str:
-
-- the synthetic shapes set, :class:`kandinsky3.data.shapes.ShapesDataset`;
-- :class:`FolderDataset`, images plus a captions file.
-
-Determinism. Everything random about optimizer step ``s`` is a pure function of ``(seed, s)``:
-
-- :func:`global_batch_indices` gives the ``batch_size`` dataset indices of step s (one seeded
-  permutation per epoch), and :func:`micro_slices` cuts that global batch into the part of each
-  process and accumulation micro-step;
-- :func:`step_generator` gives the generator from which a trainer draws the step's noise,
-  timesteps and dropout for the *whole* global batch before slicing its own part;
-  :func:`sample_generator` gives one generator per global sample position (inpainting masks).
-
-So a resumed run continues exactly (the checkpoint needs only the step), and a run on two processes
-sees the same global batch and the same random draws as a run on one. No per-rank seed offset
-exists: offsetting would make the result depend on the number of processes.
+the synthetic shapes set (:class:`kandinsky3.data.shapes.ShapesDataset`) or :class:`FolderDataset`,
+images plus a captions file. A trainer reads batches through :func:`training_images`: the whole set
+held in memory (:class:`MaterializedImages`, for the shapes set) or read on demand
+(:class:`DatasetBatches`, for a folder too large to hold).
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +28,16 @@ __all__ = [
     "FolderDataset",
     "build_dataset",
     "dataset_captions",
-    "global_batch_indices",
-    "micro_slices",
-    "step_generator",
-    "sample_generator",
     "load_batch",
+    "MaterializedImages",
+    "DatasetBatches",
+    "ImageSource",
     "materialize_images",
-    "batch_source",
+    "training_images",
     "IMAGE_SUFFIXES",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-# Stream ids that keep the generators of different purposes independent.
-STREAM_EPOCH, STREAM_STEP, STREAM_SAMPLE = 0, 1, 2
 
 
 class FolderDataset(Dataset):
@@ -128,13 +113,13 @@ def _read_captions(root: Path) -> list[tuple[str, str]]:
     return items
 
 
-def build_dataset(config: Any, split: str = "train") -> Dataset:
-    """The dataset a run config names (``config.dataset``: "shapes" or "folder")."""
-    if config.dataset == "folder":
-        return FolderDataset(config.data_root, config.image_size)
+def build_dataset(data: DataConfig) -> Dataset:
+    """The dataset a run's data section names: the shapes set or a :class:`FolderDataset`."""
+    if data.dataset == "folder":
+        return FolderDataset(data.data_root, data.image_size)
     from ..data.shapes import ShapesDataset
 
-    return ShapesDataset(config.num_samples, image_size=config.image_size, seed=config.data_seed, split=split)
+    return ShapesDataset(data.num_samples, image_size=data.image_size, seed=data.data_seed)
 
 
 def dataset_captions(dataset: Dataset) -> list[str]:
@@ -143,65 +128,6 @@ def dataset_captions(dataset: Dataset) -> list[str]:
     if callable(caption):
         return [caption(i) for i in range(len(dataset))]
     return [dataset[i][1] for i in range(len(dataset))]
-
-
-# ------------------------------------------------------------------------------------ determinism
-
-
-def _seed_of(*keys: int) -> int:
-    """A 63-bit seed mixed from integer keys (numpy SeedSequence: nearby keys give unrelated seeds)."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(_seed_of(seed, STREAM_EPOCH, epoch))
-    return torch.randperm(num_samples, generator=generator)
-
-
-def global_batch_indices(seed: int, step: int, batch_size: int, num_samples: int) -> torch.Tensor:
-    """(batch_size,) int64 dataset indices of optimizer step ``step``, a pure function of its arguments.
-
-    Step s takes positions [s·B, (s+1)·B) of the endless sequence "permutation of epoch 0, then of
-    epoch 1, ...", each epoch's permutation drawn from a generator seeded by (seed, epoch).
-    """
-    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = positions // num_samples, positions % num_samples
-    out = torch.empty(batch_size, dtype=torch.int64)
-    for epoch in epochs.unique().tolist():
-        chosen = epochs == epoch
-        out[chosen] = _epoch_permutation(seed, epoch, num_samples)[offsets[chosen]]
-    return out
-
-
-def micro_slices(batch_size: int, rank: int, world_size: int, grad_accum: int) -> list[slice]:
-    """Global batch positions of each accumulation micro-step of process ``rank``.
-
-    The global batch is cut into ``world_size`` contiguous parts (rank r takes part r), each cut
-    into ``grad_accum`` contiguous micro-batches. All micro-batches have the same size, so averaging
-    the per-micro-batch mean losses over micro-steps and ranks is the mean over the global batch.
-    """
-    if batch_size % (world_size * grad_accum):
-        raise ValueError(
-            f"batch_size {batch_size} is not divisible by world_size {world_size} × grad_accum {grad_accum}"
-        )
-    micro = batch_size // (world_size * grad_accum)
-    start = rank * micro * grad_accum
-    return [slice(start + m * micro, start + (m + 1) * micro) for m in range(grad_accum)]
-
-
-def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of optimizer step ``step``: a trainer draws the whole global batch's noise from it."""
-    return torch.Generator(device).manual_seed(_seed_of(seed, STREAM_STEP, step))
-
-
-def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
-    """A CPU generator for global batch position ``position`` of step ``step`` (e.g. its inpainting mask)."""
-    return torch.Generator().manual_seed(_seed_of(seed, STREAM_SAMPLE, step, position))
-
-
-# ------------------------------------------------------------------------------------ loading
 
 
 def load_batch(dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -227,11 +153,17 @@ class MaterializedImages:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    def batch(self, indices: torch.Tensor, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[str]]:
+        """(b,3,H,W) images and captions; in-memory images have one size, so ``size`` must be None."""
+        if size is not None:
+            raise ValueError(f"images held in memory have one size; cannot crop them to {size}")
         chosen = self.images[indices]
         if chosen.dtype == torch.uint8:
             chosen = chosen.float().div_(127.5).sub_(1.0)  # the arithmetic of shapes.image_to_tensor
         return chosen, [self.captions[i] for i in indices.tolist()]
+
+    def all_captions(self) -> list[str]:
+        return self.captions
 
 
 def materialize_images(dataset: Dataset, chunk: int = 1024) -> MaterializedImages:
@@ -265,7 +197,16 @@ class DatasetBatches:
         images = torch.stack([self.dataset.load(int(i), size) for i in indices.tolist()])
         return images, [self.dataset.caption(int(i)) for i in indices.tolist()]
 
+    def all_captions(self) -> list[str]:
+        return dataset_captions(self.dataset)
 
-def batch_source(dataset: Dataset, materialize: bool) -> MaterializedImages | DatasetBatches:
-    """What a trainer indexes with a step's dataset indices: in-memory images or on-demand reads."""
-    return materialize_images(dataset) if materialize else DatasetBatches(dataset)
+
+ImageSource = Union[MaterializedImages, DatasetBatches]
+
+
+def training_images(data: DataConfig, dataset: Dataset | None = None) -> ImageSource:
+    """What a trainer indexes with a step's dataset indices: ``dataset`` (tests) or the configured one, held in
+    memory (given datasets and the shapes set, whose images are cheap to hold and slow to redraw) or read on
+    demand (a folder)."""
+    source = dataset if dataset is not None else build_dataset(data)
+    return materialize_images(source) if dataset is not None or data.dataset == "shapes" else DatasetBatches(source)

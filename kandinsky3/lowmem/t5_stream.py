@@ -1,13 +1,16 @@
 """A T5 encoder that runs block by block from its files: the 8.6B Flan-UL2 encoder in ~1 GB of memory.
 
-The released text encoder is 17 GB in bf16 — more than the U-Net and the MoVQ together, and more than a 16 GB GPU or
-a 24 GB machine can hold beside them (SPEC §9). Its blocks run strictly one after another, so only one needs to be
-in memory at a time. :func:`load_streamed_t5` builds the real ``transformers.T5EncoderModel`` on the meta device,
-materialises only the final norm and installs hooks on the token embedding and on each of the 32 blocks:
+The released text encoder is 17 GB in bf16 (docs/architecture.md §4.7) — more than the U-Net and the MoVQ together,
+and more than a 16 GB GPU or a 24 GB machine can hold beside them. Its blocks run strictly one after another, so
+only one needs to be in memory at a time. :func:`load_streamed_t5` builds the real ``transformers.T5EncoderModel``,
+keeps only the final norm resident and leaves every other parameter slot empty (``None``: the module holds no
+tensor there, so ``.to()``, ``.half()`` … pass over it). Forward hooks on the token embedding and on each of the
+blocks (the *units*) then do the rest:
 
 - before a unit runs, its weights are read from the checkpoint (safetensors positioned reads, or a memory-mapped
-  ``.bin`` shard whose pages are released afterwards) and cast to the target dtype and device;
-- after it ran, they go back to the meta device, which frees them;
+  ``.bin`` shard whose pages are released afterwards), cast to the target dtype and device and registered as its
+  parameters;
+- after it ran (or failed), its parameter slots are emptied again, which frees the weights;
 - while unit i computes, a background thread reads unit i+1 in its stored dtype (``prefetch=True``), so disk and
   compute overlap.
 
@@ -18,21 +21,39 @@ matters little since a prompt is encoded once per image while the U-Net runs 25-
 
 from __future__ import annotations
 
-import os
-import types
+import math
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from kandinsky3.lowmem.memory import available_bytes
+from kandinsky3.lowmem.placement import t5_needs_streaming
+from kandinsky3.lowmem.storage import mark_streamed
 from kandinsky3.weights.safe_io import CheckpointError, check_shapes
 from kandinsky3.weights.sources import TensorSource
-from kandinsky3.weights.t5 import _source_names, _tied_keys, load_t5_config, t5_target_dtypes, t5_weight_source
+from kandinsky3.weights.t5 import (
+    _IGNORED_PREFIXES,
+    _source_names,
+    _tied_keys,
+    load_t5_config,
+    t5_target_dtypes,
+    t5_weight_source,
+)
 
-__all__ = ["load_streamed_t5", "is_streamed", "t5_weight_bytes", "should_stream"]
+__all__ = ["load_streamed_t5", "t5_weight_bytes", "t5_parameter_count", "should_stream"]
 
 _BLOCK_PREFIX = "encoder.block."
+
+
+def _fill(module: nn.Module, tensors: dict[str, torch.Tensor | None]) -> None:
+    """Register each tensor as the parameter of that (dotted) name inside ``module``; None empties the slot."""
+    for name, tensor in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        parameter = None if tensor is None else nn.Parameter(tensor, requires_grad=False)
+        module.get_submodule(owner).register_parameter(leaf, parameter)
 
 
 class _Streamer:
@@ -41,8 +62,8 @@ class _Streamer:
 
     Units, in execution order: the token embedding, then the blocks. Weights are cast to the device and dtype of
     the resident final norm at the time a unit runs, so ``.to(device)`` / ``.to(dtype)`` of the model moves and
-    casts everything; idle (meta) units ignore such calls. A prefetched unit waits in its stored dtype (half the
-    size of fp32 for the released fp16/bf16 files).
+    casts everything. A prefetched unit waits in its stored dtype (half the size of fp32 for the released fp16/bf16
+    files).
     """
 
     def __init__(self, model: nn.Module, units: list[tuple[nn.Module, dict[str, str]]], read_stored, place,
@@ -54,10 +75,9 @@ class _Streamer:
         self.target_dtypes = target_dtypes  # (keys, compute dtype) -> {key: dtype}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="t5-prefetch") if prefetch else None
         self.pending: dict[int, Future] = {}
-        for index, (module, _) in enumerate(units):
+        for index, (module, names) in enumerate(units):
             module.register_forward_pre_hook(self._loader(index))
-            module.register_forward_hook(_unload)
-            module._apply = types.MethodType(_idle_apply, module)
+            module.register_forward_hook(_unloader(names), always_call=True)
 
     def _read_unit(self, index: int) -> dict[str, torch.Tensor]:
         return {key: self.read_stored(key) for key in self.units[index][1].values()}
@@ -77,18 +97,16 @@ class _Streamer:
             tensors = {}
             for name, key in names.items():  # cast one tensor at a time, dropping each stored copy
                 tensors[name] = self.place(key, stored.pop(key), device, targets[key])
-            module.load_state_dict(tensors, strict=True, assign=True)
+            _fill(module, tensors)
 
         return load
 
 
-def _unload(module: nn.Module, args, output) -> None:
-    nn.Module._apply(module, lambda tensor: tensor.to("meta"))  # frees the weights; the next call reads them again
+def _unloader(names: dict[str, str]):
+    def unload(module: nn.Module, args, output) -> None:
+        _fill(module, dict.fromkeys(names))  # frees the weights; the next call reads them again
 
-
-def _idle_apply(module: nn.Module, fn, recurse: bool = True) -> nn.Module:
-    """``Module._apply`` of a streamed unit: ``.to()``, ``.half()`` … leave the (meta) unit alone."""
-    return module
+    return unload
 
 
 def load_streamed_t5(
@@ -103,7 +121,8 @@ def load_streamed_t5(
 
     ``dtype`` None keeps the stored dtype; fp16 keeps the feed-forward ``wo`` in fp32, as transformers does. Units
     are materialised on the device and in the dtype of the resident final norm, so ``.to()`` works as usual. It is
-    for inference only (no gradients reach the streamed weights).
+    for inference only (no gradients reach the streamed weights); ``model.parameters()`` lists the resident final
+    norm and whichever unit is running.
     """
     from transformers import T5EncoderModel
 
@@ -139,52 +158,42 @@ def load_streamed_t5(
     streamed = {key for _, keys in units for key in keys.values()}
     resident = [key for key in expected if key not in streamed]  # the final norm
     targets = t5_target_dtypes(resident, stored_dtypes, dtype)
-    model.load_state_dict({key: place(key, read_stored(key), device, targets[key]) for key in resident},
-                          strict=False, assign=True)
-    model.shared._apply = types.MethodType(_idle_apply, model.shared)  # unused by the encoder; stays on meta
-    streamer = _Streamer(model, units, read_stored, place, target_dtypes, prefetch)
-    model.requires_grad_(False)
-    model._kandinsky3_streamer = streamer
-    model.streams_weights = True  # kandinsky3.models.storage.compute_in casts it instead of parametrizing it
-    model._kandinsky3_source = source
+    _fill(model, {key: place(key, read_stored(key), device, targets[key]) for key in resident})
+    for module in model.modules():  # every other slot (units, and the tied `shared` the encoder never calls)
+        empty = [name for name, parameter in module.named_parameters(recurse=False) if parameter.is_meta]
+        _fill(module, dict.fromkeys(empty))
+    mark_streamed(model, _Streamer(model, units, read_stored, place, target_dtypes, prefetch))
     return model.eval()
 
 
-def is_streamed(t5: nn.Module) -> bool:
-    """Whether a T5 module came from :func:`load_streamed_t5` (its blocks are not held in memory)."""
-    return hasattr(t5, "_kandinsky3_streamer")
+def _encoder_tensors(folder: str | Path, variant: str | None) -> Iterator[tuple[int, torch.dtype]]:
+    """(elements, stored dtype) of each T5 encoder tensor of ``folder``, from the file headers alone (a full T5's
+    decoder, and an embedding stored under both of its tied names, are not counted)."""
+    source: TensorSource = t5_weight_source(Path(folder), variant)
+    keys = [key for key in source if not key.startswith(_IGNORED_PREFIXES)]
+    tied = {alias for alias in _tied_keys() if alias in keys and "shared.weight" in keys}
+    for key in keys:
+        if key not in tied:
+            shape, stored = source.meta(key)
+            yield math.prod(shape), stored
 
 
 def t5_weight_bytes(folder: str | Path, variant: str | None, dtype: torch.dtype | None) -> int:
-    """Bytes the T5 weights of ``folder`` take in ``dtype`` (None: as stored), from the file headers alone."""
-    source: TensorSource = t5_weight_source(Path(folder), variant)
-    total = 0
-    for key in source:
-        shape, stored = source.meta(key)
-        size = torch.Size(shape).numel()
-        total += size * (dtype.itemsize if dtype is not None and stored.is_floating_point else stored.itemsize)
-    return total
+    """Bytes the T5 encoder weights of ``folder`` take in ``dtype`` (None: as stored), from the file headers."""
+    return sum(size * (dtype.itemsize if dtype is not None and stored.is_floating_point else stored.itemsize)
+               for size, stored in _encoder_tensors(folder, variant))
 
 
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def t5_parameter_count(folder: str | Path, variant: str | None) -> int:
+    """Parameters of the T5 encoder of ``folder``, from the file headers."""
+    return sum(size for size, _ in _encoder_tensors(folder, variant))
 
 
 def should_stream(folder: str | Path, variant: str | None, dtype: torch.dtype | None, device) -> bool:
-    """The ``"auto"`` rule: stream when the T5 weights would take more than a third of the free memory of their
-    device (the U-Net, MoVQ and activations need the rest). Unknown sizes never stream."""
+    """The loaders' ``stream_t5="auto"`` rule (:func:`kandinsky3.lowmem.placement.t5_needs_streaming`) for the T5
+    weights of ``folder`` in ``dtype`` on ``device``. Unknown sizes never stream."""
     try:
         size = t5_weight_bytes(folder, variant, dtype)
     except CheckpointError:
         return False
-    return size > _available_bytes(torch.device(device)) // 3
+    return t5_needs_streaming(size, available_bytes(device))

@@ -2,24 +2,24 @@
 
 The small Kandinsky 3 model has no pretrained Flan-UL2, so its T5 is trained from scratch with a
 vocabulary fitted to the training captions (BPE pieces, cut into the fewest pieces per text). The
-tokenizer keeps the Flan-UL2 conventions the text encoder relies on (SPEC §4.1-4.2): pad id 0, EOS id 1 appended to every prompt, unk id 2,
-no BOS and no sentinel ids. It is stored with ``save_pretrained`` (``tokenizer.json`` +
-``tokenizer_config.json``) and loads with ``transformers.AutoTokenizer.from_pretrained``.
+tokenizer keeps the Flan-UL2 conventions the text encoder relies on (architecture §4.1-4.2): pad id 0,
+EOS id 1 appended to every prompt, unk id 2, no BOS and no sentinel ids. It is stored with
+``save_pretrained`` (``tokenizer.json`` + ``tokenizer_config.json``) and loads like any T5 tokenizer
+(:func:`kandinsky3.weights.t5.load_t5_tokenizer`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from pathlib import Path
 from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_tokenizer", "save_tokenizer", "load_tokenizer"]
+__all__ = ["train_caption_tokenizer"]
 
 
-def train_tokenizer(captions: Sequence[str], vocab_size: int = 512, *, max_sentences: int = 200_000):
+def train_caption_tokenizer(captions: Sequence[str], vocab_size: int = 512, *, max_sentences: int = 200_000):
     """A ``T5Tokenizer`` over the pieces of a BPE sentencepiece model trained on ``captions``.
 
     The pieces are wrapped as T5's unigram model with every piece scoring −1, so a text is cut
@@ -35,7 +35,7 @@ def train_tokenizer(captions: Sequence[str], vocab_size: int = 512, *, max_sente
 
     corpus = list(dict.fromkeys(c for c in captions if c.strip()))[:max_sentences]
     if not corpus:
-        raise ValueError("train_tokenizer needs at least one non-empty caption")
+        raise ValueError("train_caption_tokenizer needs at least one non-empty caption")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus),
@@ -59,15 +59,3 @@ def train_tokenizer(captions: Sequence[str], vocab_size: int = 512, *, max_sente
         raise RuntimeError("the wrapped tokenizer does not encode '' as [EOS]")
     logger.info("trained a %d-piece tokenizer on %d distinct captions", len(tokenizer), len(corpus))
     return tokenizer
-
-
-def save_tokenizer(tokenizer, folder: str | Path) -> None:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(folder))
-
-
-def load_tokenizer(folder: str | Path):
-    """The tokenizer saved in ``folder`` (``AutoTokenizer``)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))

@@ -11,24 +11,26 @@ Three policies, chosen per component when a pipeline is built:
   component alone, not of all three; the price is reading that component from disk on every call. The factories'
   ``offload="disk"`` builds this policy.
 
-The pipeline keeps the same module objects throughout (``pipe.unet.config`` etc. work in every state); only the
-tensors behind their parameters come and go.
+A pipeline holds one :class:`Residency` and runs each phase in ``with self.residency.phase("unet", self.unet)``.
+It keeps the same module objects throughout (``pipe.unet.config`` etc. work in every state); only the tensors
+behind their parameters come and go.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..weights.t5_stream import is_streamed
-from .common import return_free_memory
+from kandinsky3.components import COMPONENTS
+from kandinsky3.lowmem.memory import return_free_memory
+from kandinsky3.lowmem.storage import is_streamed
 
-__all__ = ["COMPONENTS", "Residency", "check_offload", "check_reload", "placed", "adopt", "release", "is_released"]
+__all__ = ["Loader", "Residency", "check_offload", "check_reload", "placed", "adopt", "release", "is_released"]
 
-COMPONENTS = ("unet", "text_encoder", "movq")
 Loader = Callable[[], nn.Module]
 
 
@@ -57,12 +59,13 @@ def check_reload(reload: dict[str, Loader] | None, offload: dict[str, torch.devi
 
 def is_released(module: nn.Module) -> bool:
     """True when ``module``'s parameters and buffers hold no data (they are on the meta device)."""
-    return any(tensor.is_meta for tensor in _tensors(module))
+    return any(tensor.is_meta for tensor in _unique_tensors(module).values())
 
 
 def release(module: nn.Module) -> None:
-    """Drop every parameter and buffer of ``module`` to the meta device (shapes and dtypes are kept). A module
-    that streams its weights (the block-streamed T5) holds none worth dropping and is left alone."""
+    """Drop every parameter and buffer of ``module`` to the meta device (shapes and dtypes are kept; the tensor
+    objects are new, so nothing that held the old ones keeps their memory through the module). A streamed module
+    (the block-streamed T5) holds no weights worth dropping and is left alone."""
     if is_streamed(module):
         return
     module.to_empty(device="meta")
@@ -71,12 +74,14 @@ def release(module: nn.Module) -> None:
 def adopt(module: nn.Module, loaded: nn.Module) -> nn.Module:
     """Move the tensors of ``loaded`` (the same architecture, freshly read) into ``module``; returns ``module``.
 
-    Every parameter and buffer moves, non-persistent buffers and parametrized originals included; ``loaded`` is left
-    without tensors. Raises a
-    ValueError naming the first difference when the two do not have the same tensors (names, shapes, dtypes): a
-    checkpoint changed on disk since the pipeline was built would otherwise be swapped in silently.
+    Every parameter and buffer moves, non-persistent buffers and parametrized originals included: each pair of
+    tensors trades contents (``torch.utils.swap_tensors``), so ``module``'s tensor objects now hold the data and
+    ``loaded`` is left with ``module``'s empty (meta) ones — a reference cycle inside ``loaded`` (e.g. its
+    parametrizations) cannot keep the weights alive after :func:`release`. Raises a ValueError naming the first
+    difference when the two do not have the same tensors (names, shapes, dtypes): a checkpoint changed on disk since
+    the pipeline was built would otherwise be swapped in silently.
     """
-    ours, theirs = _named_tensors(module), _named_tensors(loaded)
+    ours, theirs = _unique_tensors(module), _unique_tensors(loaded)
     if ours.keys() != theirs.keys():
         missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
         raise ValueError(f"the reloaded component does not match the pipeline's: missing {missing[:4]}, "
@@ -86,13 +91,8 @@ def adopt(module: nn.Module, loaded: nn.Module) -> nn.Module:
         if other.shape != tensor.shape or other.dtype != tensor.dtype:
             raise ValueError(f"the reloaded component's {name} is {tuple(other.shape)} {other.dtype}, the "
                              f"pipeline's {tuple(tensor.shape)} {tensor.dtype}; rebuild the pipeline")
-    pairs = zip(module.named_modules(remove_duplicate=False), loaded.named_modules(remove_duplicate=False))
-    for (_, target), (_, source) in pairs:
-        target._parameters.update(source._parameters)
-        target._buffers.update(source._buffers)
-    for source in loaded.modules():  # ``module`` owns the tensors now: a reference cycle in ``loaded`` (e.g. its
-        source._parameters.clear()   # parametrizations) must not keep them alive after ``release(module)``
-        source._buffers.clear()
+    for name, tensor in ours.items():
+        torch.utils.swap_tensors(tensor, theirs[name])
     return module
 
 
@@ -113,7 +113,7 @@ def placed(
         try:
             yield module
         finally:
-            on_cuda = any(tensor.is_cuda for tensor in _tensors(module))
+            on_cuda = any(tensor.is_cuda for tensor in _unique_tensors(module).values())
             release(module)
             return_free_memory()  # glibc keeps the freed heap blocks otherwise: they would add to the next phase
             if on_cuda:
@@ -132,26 +132,29 @@ def placed(
             torch.cuda.empty_cache()
 
 
+@dataclass(frozen=True)
 class Residency:
-    """Mixin of the pipelines: ``self.phase("unet")`` is :func:`placed` for that component under the pipeline's
-    ``offload`` / ``reload`` policies (set once by :meth:`set_residency`)."""
+    """A pipeline's residency policy: ``offload`` {component: device} or ``reload`` {component: loader} (validated;
+    see the module docstring). ``Residency()`` keeps every component where it was built.
+
+        residency = Residency(reload={"unet": read_unet})
+        with residency.phase("unet", pipe.unet) as unet: ...
+    """
 
     offload: dict[str, torch.device] | None = None
-    reload: dict[str, Loader] = {}
+    reload: dict[str, Loader] = field(default_factory=dict)
 
-    def set_residency(self, offload: dict[str, Any] | None, reload: dict[str, Loader] | None) -> None:
-        self.offload = check_offload(offload)
-        self.reload = check_reload(reload, self.offload)
+    def __post_init__(self) -> None:
+        offload = check_offload(self.offload)
+        object.__setattr__(self, "offload", offload)  # normalised once, at construction
+        object.__setattr__(self, "reload", check_reload(self.reload, offload))
 
-    def phase(self, name: str) -> contextlib.AbstractContextManager[nn.Module]:
-        return placed(getattr(self, name), name, self.offload, self.reload)
-
-
-def _tensors(module: nn.Module):
-    yield from module.parameters()
-    yield from module.buffers()
+    def phase(self, name: str, module: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """:func:`placed` for component ``name`` (its module is ``module``) under this policy."""
+        return placed(module, name, self.offload, self.reload)
 
 
-def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer by name (non-persistent buffers too, unlike ``state_dict``)."""
-    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+def _unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by its first name (non-persistent buffers too, unlike ``state_dict``); a tensor
+    shared by two submodules appears once."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}

@@ -1,0 +1,105 @@
+"""What a run writes as it goes: ``config.json``, ``train.log`` and the metrics of ``log.csv``.
+
+Only rank 0 logs at INFO level and writes files; other ranks log warnings only. Metrics are summed
+as detached tensors between log lines and turned into numbers (a device sync) only when a line is
+written.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, save_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RUN_CONFIG", "setup_logging", "prepare_out_dir", "due", "TrainingLog"]
+
+RUN_CONFIG = "config.json"
+
+
+def setup_logging(is_main: bool, out_dir: Path | None = None) -> None:
+    """Entry-point logging: rank 0 logs INFO to stderr and ``out_dir/train.log``; other ranks warnings only."""
+    root = logging.getLogger("kandinsky3")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    for handler in list(root.handlers):
+        if getattr(handler, "_kandinsky3_training", False):
+            root.removeHandler(handler)
+            handler.close()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if is_main and out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(out_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler._kandinsky3_training = True  # so a second run in the same process replaces them
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def prepare_out_dir(config: TrainConfig, is_main: bool) -> Path:
+    """Create ``run.out_dir``, write the run config beside the checkpoints and log it (rank 0)."""
+    out_dir = Path(config.run.out_dir)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / RUN_CONFIG)
+        logger.info("run config (%s):\n%s", out_dir / RUN_CONFIG, (out_dir / RUN_CONFIG).read_text().strip())
+    return out_dir
+
+
+def due(step: int, interval: int) -> bool:
+    """Whether something done every ``interval`` optimizer steps (0 = never) is due after ``step`` steps."""
+    return interval > 0 and step % interval == 0
+
+
+class TrainingLog:
+    """Metrics of the steps since the last line, written every ``interval`` steps as one log line and one row
+    of ``path`` (CSV, columns ``step`` + ``fields``; rank 0 only). On resume, rows after the resumed step are
+    dropped, so the file reads as if the run had never stopped."""
+
+    def __init__(self, path: Path, fields: list[str], interval: int, resume_step: int, write: bool):
+        self.path, self.fields, self.interval, self.write = path, ["step", *fields], interval, write
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.tick = time.perf_counter()
+        if write:
+            keep: list[dict[str, str]] = []
+            if path.is_file():
+                with path.open(newline="") as handle:
+                    keep = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, self.fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(keep)
+
+    def add(self, **values: torch.Tensor | None) -> None:
+        """Sum scalar tensors into the next line's averages (None values are skipped)."""
+        for key, value in values.items():
+            if value is None:
+                continue
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def due(self, step: int) -> bool:
+        return due(step, self.interval)
+
+    def line(self, step: int, **values: float) -> None:
+        """Average the summed metrics (every rank, so each starts the next line afresh) and, on rank 0, log them
+        with ``values`` (e.g. lr) and the time per step since the last line."""
+        now = time.perf_counter()
+        averages = {key: float(total) / self.counts[key] for key, total in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        if self.write:
+            averages.update(values, ms_per_step=1000.0 * (now - self.tick) / self.interval)
+            logger.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in averages.items()))
+            with self.path.open("a", newline="") as handle:
+                csv.DictWriter(handle, self.fields, extrasaction="ignore").writerow({"step": step, **averages})
+        self.tick = time.perf_counter()
