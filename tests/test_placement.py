@@ -94,6 +94,12 @@ def test_half_request_on_a_fast_device_computes_in_half_and_explicit_compute_win
                                           "text_encoder": torch.float32}
 
 
+def test_asked_for_fp32_math_is_not_reported_as_a_slow_device():
+    asked = plan_placement("cpu", FULL, dtype=torch.bfloat16, compute_dtype=torch.float32,
+                           available_bytes=24 * GIB, is_fast=fast_half)
+    assert set(_dtypes(asked, "compute").values()) == {torch.float32} and "no fast" not in asked.summary
+
+
 def test_explicit_stream_and_offload_override_the_rules():
     plan = plan_placement("cpu", FULL, dtype=torch.float32, stream_t5=False, offload=False,
                           available_bytes=24 * GIB, is_fast=slow_half)

@@ -168,7 +168,8 @@ def plan_placement(
     if stream_t5 in (None, "auto"):
         stream_t5 = offload == "disk" or t5_needs_streaming(weight_bytes["text_encoder"],
                                                              free[str(devices["text_encoder"])])
-    summary = _summary(devices, storage, compute, requested, stream_t5, offload, sum(weight_bytes.values()), free)
+    summary = _summary(devices, storage, compute, requested, computing, stream_t5, offload,
+                       sum(weight_bytes.values()), free)
     return Placement(MappingProxyType(storage), MappingProxyType(compute), bool(stream_t5), offload, summary)
 
 
@@ -230,9 +231,9 @@ def _offload(devices, weight_bytes, free, host_bytes: int | None) -> bool | str:
     return True if _fits(dict.fromkeys(COMPONENTS, torch.device("cpu")), weight_bytes, host) else "disk"
 
 
-def _summary(devices, storage, compute, requested, stream_t5: bool, offload, total: int, free) -> str:
+def _summary(devices, storage, compute, requested, computing, stream_t5: bool, offload, total: int, free) -> str:
     """The one log line: dtypes per component, streaming, offload, the sizes behind them, and any half request
-    that computes in fp32."""
+    that computes in fp32 because the device is slow at it (not because fp32 math was asked for)."""
     parts = []
     for name in COMPONENTS:
         dtypes = _name(storage[name]) if storage[name] == compute[name] else \
@@ -241,8 +242,8 @@ def _summary(devices, storage, compute, requested, stream_t5: bool, offload, tot
         parts.append(f"{name} {dtypes}{streamed}" + ("" if len(free) == 1 else f" on {devices[name]}"))
     memory = ", ".join(f"{device} {size / GIB:.1f} GiB" for device, size in free.items())
     line = f"{'; '.join(parts)}; offload={offload!r} (weights {total / GIB:.1f} GiB; free: {memory})"
-    slow = [name for name in COMPONENTS if name in requested and storage[name] in HALF_DTYPES
-            and compute[name] != storage[name]]
+    slow = [name for name in COMPONENTS if name in requested and name not in computing
+            and storage[name] in HALF_DTYPES and compute[name] != storage[name]]
     if slow:
         half = _name(storage[slow[0]])
         line += (f"; {half} requested for {', '.join(slow)}: stored in {half}, computed in "
