@@ -111,7 +111,7 @@ def test_init_unet_may_be_any_model_folder(tmp_path):
     in fp16) gives its U-Net's tensors, expanded to the inpainting input."""
     from kandinsky3.weights.loading import load_unet
 
-    bundled = Path(__file__).resolve().parents[1] / "kandinsky3" / "assets" / "tiny" / "base"
+    bundled = Path(__file__).resolve().parents[2] / "kandinsky3" / "assets" / "tiny" / "base"
     base = load_unet(bundled)
     target = type(base.config).from_dict({**base.config.to_dict(), "num_channels": 9})
     state = load_init_unet(bundled, target)

@@ -21,7 +21,7 @@ from kandinsky3.models.movq import MoVQ
 from kandinsky3.models.movq_tiling import _axis_windows, _tile_starts, decode_tiled
 from kandinsky3.weights import load_movq
 
-TINY_BASE = Path(__file__).resolve().parents[1] / "kandinsky3" / "assets" / "tiny" / "base"
+TINY_BASE = Path(__file__).resolve().parents[2] / "kandinsky3" / "assets" / "tiny" / "base"
 TILE, OVERLAP = 16, 4
 
 # Measured on the 3 scenes below (tile 16, overlap 4): mean |tiled - untiled| = 0.035, max 0.89 (images in

@@ -42,7 +42,7 @@ def torchrun(config: dict, path: Path, *args: str, processes: int = 2) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "kandinsky3.training", str(path),
                *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -54,11 +54,12 @@ def _worker(rank: int, world_size: int, port: int, trainer, config, resume: bool
     trainer(config, resume=resume)
 
 
-def forked(trainer, config, resume: bool = False, processes: int = 2) -> None:
-    """Run ``trainer(config)`` on ``processes`` gloo ranks forked from this process (the torchrun
-    environment variables set by hand; forking skips the per-process import time of a torchrun launch)."""
+def run_ranks(trainer, config, resume: bool = False, processes: int = 2) -> None:
+    """Run ``trainer(config)`` on ``processes`` gloo ranks started from this process (the torchrun environment
+    variables set by hand). Spawned, not forked: a child forked from a process whose OpenMP pool has run (earlier
+    tests) can deadlock in its first parallel region."""
     torch.multiprocessing.start_processes(_worker, args=(processes, _free_port(), trainer, config, resume),
-                                          nprocs=processes, start_method="fork")
+                                          nprocs=processes, start_method="spawn")
 
 
 def _in_order(optimizer: dict) -> list:
@@ -111,5 +112,5 @@ def test_two_process_movq_run_equals_one_process_run(tmp_path):
     fields = ["schedule.batch_size=8", "schedule.grad_accum=1", "schedule.max_steps=3", "schedule.warmup_steps=0",
               "optim.lr=1e-4", "run.num_threads=1"]
     train_movq(movq_config(tmp_path / "one", model, *fields))
-    forked(train_movq, movq_config(tmp_path / "two", model, *fields))
+    run_ranks(train_movq, movq_config(tmp_path / "two", model, *fields))
     compare(tmp_path / "one", tmp_path / "two")

@@ -21,7 +21,7 @@ from kandinsky3.training.ema import EMA, ema_decay_at
 from kandinsky3.training.optim import Lion, build_optimizer, learning_rate
 from kandinsky3.weights.t5 import load_t5_tokenizer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_config_json_round_trip(tmp_path):

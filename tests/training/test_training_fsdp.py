@@ -8,7 +8,7 @@ import torch.distributed.checkpoint.state_dict  # noqa: F401  (imported before t
 import torch.distributed.fsdp  # noqa: F401
 import torch.distributed.tensor  # noqa: F401
 from _tiny_training import movq_dir, one_thread, unet_config
-from test_training_distributed import compare, forked
+from test_training_distributed import compare, run_ranks
 
 from kandinsky3.training.train_unet import train_unet
 
@@ -23,7 +23,7 @@ def test_two_process_fsdp_run_with_resume_equals_one_process_run(tmp_path):
     fields = ["schedule.batch_size=8", "schedule.grad_accum=2", "run.num_threads=1"]
     train_unet(unet_config(tmp_path / "one", movq, "schedule.max_steps=3", *fields))
     sharded = [*fields, "run.fsdp=true"]
-    forked(train_unet, unet_config(tmp_path / "two", movq, "schedule.max_steps=2", "run.sample_interval=2", *sharded))
+    run_ranks(train_unet, unet_config(tmp_path / "two", movq, "schedule.max_steps=2", "run.sample_interval=2", *sharded))
     assert (tmp_path / "two" / "samples" / "step_000002.png").is_file()  # sampling runs on all ranks under FSDP
-    forked(train_unet, unet_config(tmp_path / "two", movq, "schedule.max_steps=3", *sharded), resume=True)
+    run_ranks(train_unet, unet_config(tmp_path / "two", movq, "schedule.max_steps=3", *sharded), resume=True)
     compare(tmp_path / "one", tmp_path / "two")
