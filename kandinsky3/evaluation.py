@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .data.shapes import (
     BACKGROUNDS,
@@ -297,6 +298,8 @@ def evaluate(
     prompts: Sequence[str | tuple[str, Scene]],
     batch_size: int = 8,
     seed: int = 0,
+    progress: bool = False,
+    desc: str = "evaluating",
 ) -> dict:
     """Generate with ``pipe_fn(prompts, seed) -> images`` in batches and aggregate :func:`score`.
 
@@ -304,6 +307,7 @@ def evaluate(
     generated with seed ``seed + b``. Returns, for each of ``SCORE_KEYS``, the accuracy over the
     prompts where it is stated (None if none) and that count as ``<key>_n``, plus ``num_prompts``
     and the per-prompt ``records``. Report seen and held-out prompt lists with separate calls.
+    ``progress``: a progress bar over the prompts (on stderr), labelled ``desc``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -311,12 +315,14 @@ def evaluate(
     for text in texts:
         parse_caption(text)  # refuse prompts outside the grammar before generating anything
     records = []
-    for b, start in enumerate(range(0, len(texts), batch_size)):
-        batch = texts[start : start + batch_size]
-        images = pipe_fn(batch, seed + b)
-        if len(images) != len(batch):
-            raise ValueError(f"pipe_fn returned {len(images)} images for {len(batch)} prompts")
-        records.extend({"prompt": text, **score(text, image)} for text, image in zip(batch, images))
+    with tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress) as bar:
+        for b, start in enumerate(range(0, len(texts), batch_size)):
+            batch = texts[start : start + batch_size]
+            images = pipe_fn(batch, seed + b)
+            if len(images) != len(batch):
+                raise ValueError(f"pipe_fn returned {len(images)} images for {len(batch)} prompts")
+            records.extend({"prompt": text, **score(text, image)} for text, image in zip(batch, images))
+            bar.update(len(batch))
     report: dict = {"num_prompts": len(records)}
     for key in SCORE_KEYS:
         values = [r[key] for r in records if r[key] is not None]

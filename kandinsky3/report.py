@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .data.shapes import COLOURS, Scene, ShapesDataset, eval_prompts, layout
 from .evaluation import evaluate, inpainting_score
@@ -26,8 +27,9 @@ __all__ = ["evaluate_text_to_image", "movq_psnr", "evaluate_inpainting"]
 
 
 def evaluate_text_to_image(pipe, num_prompts: int = 200, *, seed: int = 0, batch_size: int = 25,
-                           **call_kwargs: Any) -> dict[str, dict]:
-    """{"seen": report, "heldout": report}; each report has colour_shape, position, count, … accuracies."""
+                           progress: bool = False, **call_kwargs: Any) -> dict[str, dict]:
+    """{"seen": report, "heldout": report}; each report has colour_shape, position, count, … accuracies.
+    ``progress``: a progress bar per split (on stderr)."""
     width = height = call_kwargs.pop("image_size", 64)
 
     def generate(prompts: list[str], batch_seed: int) -> list[Image.Image]:
@@ -35,7 +37,8 @@ def evaluate_text_to_image(pipe, num_prompts: int = 200, *, seed: int = 0, batch
 
     reports = {}
     for split in ("seen", "heldout"):
-        report = evaluate(generate, eval_prompts(num_prompts, split), batch_size=batch_size, seed=seed)
+        report = evaluate(generate, eval_prompts(num_prompts, split), batch_size=batch_size, seed=seed,
+                          progress=progress, desc=f"text-to-image, {split} prompts")
         report.pop("records")
         reports[split] = report
     return reports
@@ -68,15 +71,16 @@ def _inpainting_case(caption: str, scene: Scene, image_size: int) -> tuple[str, 
 
 
 def evaluate_inpainting(pipe, num_prompts: int = 200, *, image_size: int = 64, seed: int = 0,
-                        **call_kwargs: Any) -> dict[str, float]:
-    """Object-in-mask rate and unchanged-outside rate over one-object evaluation scenes."""
+                        progress: bool = False, **call_kwargs: Any) -> dict[str, float]:
+    """Object-in-mask rate and unchanged-outside rate over one-object evaluation scenes; ``progress``: a
+    progress bar (on stderr)."""
     cases = []
     candidates = eval_prompts(4 * num_prompts, "seen", seed=2024)
     for caption, scene in candidates:
         if len(scene.objects) == 1 and len(cases) < num_prompts:
             cases.append(_inpainting_case(caption, scene, image_size))
     in_mask, unchanged, mad = [], [], []
-    for index, (prompt, image, mask) in enumerate(cases):
+    for index, (prompt, image, mask) in enumerate(tqdm(cases, desc="inpainting", unit="prompt", disable=not progress)):
         generated = pipe(prompt, image, mask, seed=seed + index, progress=False, **call_kwargs)[0]
         result = inpainting_score(prompt, image, generated, mask)
         in_mask.append(result["object_in_mask"])

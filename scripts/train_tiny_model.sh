@@ -11,7 +11,9 @@ OUT="${1:-kandinsky3/assets/tiny}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # the configs use one thread; more processes than cores stall
 
 for stage in small_movq small_unet small_inpainting; do
-  kandinsky3 train "configs/${stage}.json" --resume
+  resume=""
+  if [ -f "runs/${stage}/checkpoint.pt" ]; then resume="--resume"; fi   # a stage already started continues
+  kandinsky3 train "configs/${stage}.json" $resume
 done
 
 kandinsky3 convert runs/small_unet/final "$OUT/base" --dtype fp16 --overwrite

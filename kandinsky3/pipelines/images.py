@@ -5,22 +5,31 @@ between images and (B, 4, H/8, W/8) latents (whole or in tiles).
     latents = encode_images(movq, pixels)                # (1, 4, 64, 64) fp32
     images = decode_latents(movq, latents, tiling=DecodeTiling(tile=32, overlap=8))
     to_output(images, "pil")                             # [PIL.Image]
+
+Also the inputs' side of inpainting: :func:`prepare_mask` (a user's mask → 1 = repaint) and :func:`working_size`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import validating
+from ..errors import NonFiniteError, UsageError, UsageTypeError, validating
 from ..lowmem.storage import compute_dtype
 from ..models.movq_tiling import check_tiling, decode_tiled
 
-__all__ = ["DecodeTiling", "decode_latents", "encode_images", "pil_to_tensor", "to_output"]
+__all__ = [
+    "MAX_PIXELS", "DecodeTiling", "decode_latents", "encode_images", "pil_to_tensor", "prepare_mask", "resize_images",
+    "to_output", "working_size",
+]
+
+MAX_PIXELS = 1024 * 1024  # inpainting's working size is capped at about 1 MP, as in the original (never upscaled)
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,11 @@ def decode_latents(
             else:
                 decoded = decode_tiled(movq, chunk, tile=tiling.tile, overlap=tiling.overlap)
             images.append(decoded.float().cpu().contiguous())
-    return torch.cat(images)
+    images = torch.cat(images)
+    if not torch.isfinite(images).all():
+        raise NonFiniteError(f"the MoVQ decode (computing in {str(dtype).removeprefix('torch.')}) produced NaN or "
+                             "infinite pixels; load the MoVQ in fp32 (LoadOptions(dtype={'movq': 'fp32'}))")
+    return images
 
 
 def encode_images(movq: torch.nn.Module, images: torch.Tensor, slice_size: int | None = 1) -> torch.Tensor:
@@ -95,3 +108,67 @@ def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
         image = image.resize((width, height), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 3, H, W) images in [−1, 1] → (B, 3, height, width) for ``size`` = (width, height): bicubic, clamped to
+    [−1, 1] (unchanged when already that size)."""
+    if images.shape[-2:] == (size[1], size[0]):
+        return images
+    return F.interpolate(images, size=(size[1], size[0]), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def working_size(width: int, height: int, multiple: int = 64) -> tuple[int, int]:
+    """Inpainting's working size, as the original's: scale down to at most ~1 MP, then floor each side to
+    ``multiple``."""
+    reduce = max(1.0, math.sqrt(width * height / MAX_PIXELS))
+    new_w = int(round(width / reduce)) // multiple * multiple
+    new_h = int(round(height / reduce)) // multiple * multiple
+    if new_w == 0 or new_h == 0:
+        raise UsageError(f"the image ({width}x{height}) is too small; both sides must be at least {multiple}")
+    return new_w, new_h
+
+
+def prepare_mask(mask: Any, size: tuple[int, int]) -> np.ndarray:
+    """A user's mask → (H, W) float32 in [0, 1], 1 = repaint; ``size`` is the image's (width, height).
+
+    Accepts a 2-D array or tensor of bools, of 0/1 values or of 0–255 values (a largest value above 1 means the
+    0–255 range), or a PIL image read the same way: mode "1" as bools, 8-bit modes as their grey levels (a PNG of
+    0/1 values is a 0/1 mask, one of 0/255 values a 0–255 mask), 16-bit modes scaled by 65535 when above 255.
+    """
+    if isinstance(mask, Image.Image):
+        mask = _image_mask(mask)
+    elif isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    if not isinstance(mask, (np.ndarray, list, tuple)):
+        raise UsageTypeError(f"mask must be a PIL image or a 2-D array (1 = repaint), got {type(mask).__name__}")
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise UsageError(f"mask must be a 2-D (H, W) array with 1 = repaint, got shape {mask.shape}")
+    if mask.dtype == bool:
+        mask = mask.astype(np.float32)
+    if not np.issubdtype(mask.dtype, np.number) or not np.isfinite(mask).all():
+        raise UsageError("mask must hold finite numbers (0/1 or 0–255)")
+    mask = mask.astype(np.float32)
+    if mask.min() < 0 or mask.max() > 255:
+        raise UsageError(f"mask values must lie in [0, 1] or [0, 255], got [{mask.min()}, {mask.max()}]")
+    if mask.max() > 1:
+        mask = mask / 255.0
+    if (mask.shape[1], mask.shape[0]) != tuple(size):
+        raise UsageError(
+            f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is {size[0]}x{size[1]}; "
+            "they must have the same size"
+        )
+    if not (mask > 0).any():
+        raise UsageError("the mask is all zero: nothing to repaint (1 = repaint)")
+    return mask
+
+
+def _image_mask(image: Image.Image) -> np.ndarray:
+    """A mask image's values as an array: bools for mode "1", 16-bit levels scaled to [0, 1], else grey levels."""
+    if image.mode == "1":
+        return np.asarray(image, dtype=bool)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        levels = np.asarray(image, dtype=np.float32)
+        return levels / 65535.0 if levels.max() > 255 else levels
+    return np.asarray(image.convert("L"))

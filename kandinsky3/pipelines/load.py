@@ -34,7 +34,9 @@ from ..lowmem import Placement, compute_dtype, compute_in, parameter_count, plan
 from ..models.movq import MoVQConfig
 from ..models.unet_config import UNetConfig
 from ..weights import Checkpoint, load_movq, load_text_encoder, load_unet, open_checkpoint
+from ..weights.build import resolve_config
 from ..weights.loading import component_source
+from .checks import ModelFacts, default_sampler
 from .img2img import Kandinsky3Img2ImgPipeline
 from .inpainting import Kandinsky3InpaintingPipeline
 from .text_to_image import Kandinsky3Pipeline
@@ -42,7 +44,8 @@ from .text_to_image import Kandinsky3Pipeline
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_MODEL", "TASKS", "LoadOptions", "load_pipeline", "legacy_options", "resolve_devices", "resolve_model",
+    "DEFAULT_MODEL", "TASKS", "LoadOptions", "inspect_model", "load_pipeline", "legacy_options", "resolve_devices",
+    "resolve_model",
     "get_T2I_pipeline", "get_T2I_Flash_pipeline", "get_inpainting_pipeline", "get_img2img_pipeline",
 ]
 
@@ -166,6 +169,11 @@ def _one_device(value: Any) -> torch.device:
         device = torch.device(value)
     except (RuntimeError, TypeError):
         raise UsageError(f"device {value!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device {str(device)!r} is not supported; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {str(device)!r} was requested but this machine has no usable MPS device; use "
+                         "device='cpu' or 'auto'")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"device {str(device)!r} was requested but this machine has no usable CUDA device "
@@ -182,18 +190,22 @@ def _variant(task: str) -> str:
     return TASKS[task]
 
 
-def load_pipeline(
-    task: str,
-    model: str | Path = DEFAULT_MODEL,
-    *,
-    device: Any = "auto",
-    options: LoadOptions = LoadOptions(),
-) -> Pipeline:
-    """The ``task`` pipeline over ``model``'s weights, placed on ``device`` (see the module docstring).
+@dataclass(frozen=True)
+class _Opened:
+    """A model opened for a task without reading weights: its checkpoint, where each component comes from
+    (the checkpoint or an override path), their lazy sources and parameter counts, the devices and the placement."""
 
-    Bad arguments raise :class:`~kandinsky3.errors.UsageError` (a ValueError) naming the value, checkpoint problems
-    :class:`~kandinsky3.weights.CheckpointError`, missing paths FileNotFoundError.
-    """
+    variant: str
+    devices: dict[str, torch.device]
+    checkpoint: Checkpoint
+    where: dict[str, Any]
+    sources: dict[str, Any]
+    sizes: dict[str, int]
+    plan: Placement
+
+
+def _open(task: str, model: str | Path, device: Any, options: LoadOptions) -> _Opened:
+    """Check the arguments, open the checkpoint (headers only) and plan the placement."""
     if not isinstance(options, LoadOptions):
         raise UsageError(f"options must be a LoadOptions, got {type(options).__name__}")
     variant = _variant(task)
@@ -205,22 +217,100 @@ def load_pipeline(
     )
     where = {name: checkpoint if overrides[name] is None else overrides[name] for name in COMPONENTS}
     sources = {name: _source(name, where[name], variant, options) for name in COMPONENTS}
-    plan = plan_placement(
-        devices, {name: parameter_count(source) for name, source in sources.items()},
-        dtype=options.dtype, compute_dtype=options.compute_dtype, stream_t5=options.stream_t5,
-        offload=options.offload,
-    )
+    sizes = {name: parameter_count(source) for name, source in sources.items()}
+    plan = plan_placement(devices, sizes, dtype=options.dtype, compute_dtype=options.compute_dtype,
+                          stream_t5=options.stream_t5, offload=options.offload)
+    return _Opened(variant, devices, checkpoint, where, sources, sizes, plan)
+
+
+def load_pipeline(
+    task: str,
+    model: str | Path = DEFAULT_MODEL,
+    *,
+    device: Any = "auto",
+    options: LoadOptions = LoadOptions(),
+) -> Pipeline:
+    """The ``task`` pipeline over ``model``'s weights, placed on ``device`` (see the module docstring).
+
+    Bad arguments raise :class:`~kandinsky3.errors.UsageError` (a ValueError) naming the value, checkpoint problems
+    :class:`~kandinsky3.weights.CheckpointError`, missing paths FileNotFoundError; all before any weights are read.
+    """
+    opened = _open(task, model, device, options)
+    plan, devices, variant = opened.plan, opened.devices, opened.variant
     logger.info("placement: %s", plan.summary)
+    _warn_slow_half(plan, options)
     home = {name: torch.device("cpu") if plan.offload is True else devices[name] for name in COMPONENTS}
     components, reload = {}, {}
     for name in COMPONENTS:
+        where = opened.where[name]
         if plan.offload == "disk" and name != "text_encoder":
-            components[name] = _load(name, where[name], variant, home[name], plan, options, skeleton=True)
-            again = checkpoint.root if overrides[name] is None else overrides[name]  # opened afresh at each read
+            components[name] = _load(name, where, variant, home[name], plan, options, skeleton=True)
+            again = opened.checkpoint.root if isinstance(where, Checkpoint) else where  # opened afresh at each read
             reload[name] = functools.partial(_load, name, again, variant, home[name], plan, options)
         else:
-            components[name] = _load(name, where[name], variant, home[name], plan, options)
-    return _assemble(task, components, checkpoint, sources["text_encoder"].style, plan, devices, reload)
+            components[name] = _load(name, where, variant, home[name], plan, options)
+    pipeline = _assemble(task, components, opened.checkpoint, opened.sources["text_encoder"].style, plan, devices,
+                         reload)
+    pipeline.devices = devices
+    return pipeline
+
+
+def inspect_model(task: str, model: str | Path = DEFAULT_MODEL, *, device: Any = "auto",
+                  options: LoadOptions | None = None) -> ModelFacts:
+    """The :class:`~kandinsky3.pipelines.checks.ModelFacts` of what ``load_pipeline(task, model, device=device,
+    options=options)`` would build, from configs and file headers only (no weights read); the same errors."""
+    options = LoadOptions() if options is None else options
+    opened = _open(task, model, device, options)
+    checkpoint, plan, pipeline = opened.checkpoint, opened.plan, _PIPELINES.get(task, Kandinsky3Pipeline)
+    phases = ("unet", "movq")
+    return ModelFacts(
+        task=task,
+        unet_config=resolve_config("unet", opened.sources["unet"], options.unet_config, head_dim=options.head_dim,
+                                   groups=options.groups),
+        movq_config=resolve_config("movq", opened.sources["movq"], options.movq_config,
+                                   norm_groups=options.norm_groups),
+        sampling_defaults=checkpoint.sampling_defaults,
+        default_sampler=default_sampler(task, checkpoint.sampling_defaults, checkpoint.scheduler_config),
+        default_guidance_scale=pipeline.default_guidance_scale, threshold_percentile=pipeline.threshold_percentile,
+        scheduler_config=checkpoint.scheduler_config,
+        devices=MappingProxyType({phase: opened.devices[phase] for phase in phases}),
+        compute_dtypes=MappingProxyType({phase: plan.compute_dtype[phase] for phase in phases}),
+        pending_bytes=MappingProxyType({phase: _pending_bytes(opened, phase) for phase in phases}),
+    )
+
+
+def _pending_bytes(opened: _Opened, phase: str) -> int:
+    """Bytes of weights on ``phase``'s device while it runs, none of them loaded yet: the phase's component and
+    every other one that waits on that device (all of them when resident; the text encoder with disk offload;
+    a streamed T5 holds one block at a time and counts nothing)."""
+    plan, devices = opened.plan, opened.devices
+    weights = {name: 0 if name == "text_encoder" and plan.stream_t5 else
+               opened.sizes[name] * plan.storage_dtype[name].itemsize for name in COMPONENTS}
+
+    def waits_on(name: str) -> torch.device | None:
+        if plan.offload is True:
+            return torch.device("cpu")
+        return devices[name] if plan.offload is False or name == "text_encoder" else None
+
+    return weights[phase] + sum(weights[name] for name in COMPONENTS
+                                if name != phase and waits_on(name) == devices[phase])
+
+
+def _warn_slow_half(plan: Placement, options: LoadOptions) -> None:
+    """A warning for each component whose half-precision dtype was asked for but is computed in fp32, because
+    its device computes half precision slowly (the placement's choice; an explicit compute_dtype says nothing)."""
+
+    def asked(value: Any, name: str) -> bool:
+        return value is not None and (not isinstance(value, Mapping) or value.get(name) is not None)
+
+    for name in COMPONENTS:
+        storage, compute = plan.storage_dtype[name], plan.compute_dtype[name]
+        if storage in (torch.float16, torch.bfloat16) and compute != storage and asked(options.dtype, name) \
+                and not asked(options.compute_dtype, name):
+            half = str(storage).removeprefix("torch.")
+            logger.warning("%s: %s requested, but this device computes %s slowly: the weights are stored in %s "
+                           "(half the memory) and computed in %s", name, half, half, half,
+                           str(compute).removeprefix("torch."))
 
 
 def _source(name: str, where: Checkpoint | str | Path, variant: str, options: LoadOptions):
@@ -253,6 +343,9 @@ def _load(name: str, where: Checkpoint | str | Path, variant: str, device: torch
     return network
 
 
+_PIPELINES = {"inpainting": Kandinsky3InpaintingPipeline, "img2img": Kandinsky3Img2ImgPipeline}  # else text-to-image
+
+
 def _assemble(task: str, components: dict, checkpoint: Checkpoint, conditioning: str, plan: Placement,
               devices: dict[str, torch.device], reload: dict) -> Pipeline:
     options = dict(conditioning=conditioning, scheduler_config=checkpoint.scheduler_config,
@@ -260,8 +353,7 @@ def _assemble(task: str, components: dict, checkpoint: Checkpoint, conditioning:
                    sampling_defaults=checkpoint.sampling_defaults)
     if task == "flash":
         options["flash"] = True
-    pipeline = {"inpainting": Kandinsky3InpaintingPipeline, "img2img": Kandinsky3Img2ImgPipeline}.get(
-        task, Kandinsky3Pipeline)
+    pipeline = _PIPELINES.get(task, Kandinsky3Pipeline)
     return pipeline(components["unet"], components["movq"], components["text_encoder"], **options)
 
 

@@ -1,9 +1,13 @@
-"""The stages every pipeline runs, as plain functions: encode the text, choose the sampler run, and denoise — with
-the randomness (one generator per image), the mini-batches and the U-Net bound to each batch's text they need.
+"""The stages every pipeline runs, as plain functions: encode the text and denoise — with the randomness (one
+generator per image), the mini-batches and the U-Net bound to each batch's text they need. The sampler run
+(``plan``) comes from :mod:`kandinsky3.pipelines.sampling`.
 
     conditions = encode_text(text_encoder, batch, style="original", guided=True)
     plan = plan_sampling(SamplingChoice("original", 50, 3.0), threshold=0.99, scheduler_config=None)
     latents = denoise(unet, conditions, start, plan, alphas_cumprod, generators=make_generators(0, None, B))
+
+Sampling stops with :class:`~kandinsky3.errors.NonFiniteError`, naming the step, as soon as the latents or x̂₀
+hold NaN or infinity (float16 overflow, broken weights) instead of decoding them into a black image.
 
 The conditioning rules themselves (both styles, the pad-slot rule) live in :mod:`kandinsky3.conditioning`, the
 samplers' rules in :mod:`kandinsky3.diffusion.registry`.
@@ -11,27 +15,24 @@ samplers' rules in :mod:`kandinsky3.diffusion.registry`.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..conditioning import TextConditions, encode_prompts, gather_conditions, pool_as_alone
-from ..diffusion import guidance, registry
-from ..errors import UsageError
+from ..diffusion import guidance
+from ..errors import NonFiniteError
 from ..lowmem.memory import return_free_memory
 from ..lowmem.storage import compute_dtype
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet
-from .checks import PromptBatch, SamplingChoice
-
-logger = logging.getLogger(__name__)
+from .checks import PromptBatch
+from .sampling import SamplingPlan
 
 __all__ = [
-    "MODULATION_TABLE_LIMIT", "SamplingPlan", "batch_slices", "denoise", "encode_text", "initial_noise",
-    "make_generators", "network_binder", "plan_sampling",
+    "MODULATION_TABLE_LIMIT", "batch_slices", "check_finite", "denoise", "encode_text", "initial_noise",
+    "make_generators", "network_binder",
 ]
 
 MODULATION_TABLE_LIMIT = 2**30  # bytes; larger batches × step counts compute the norms' inputs at every call
@@ -47,53 +48,18 @@ def encode_text(text_encoder: TextEncoder, batch: PromptBatch, *, style: str, gu
     return conditions
 
 
-@dataclass(frozen=True)
-class SamplingPlan:
-    """A call's sampler run: ``function(denoiser, x, timesteps, alphas_cumprod, **options)`` under guidance w."""
-
-    function: Callable[..., torch.Tensor]
-    timesteps: list[int]
-    options: dict[str, Any]
-    w: float
-
-
-def plan_sampling(
-    choice: SamplingChoice,
-    *,
-    threshold: float | None,
-    scheduler_config: dict[str, Any] | None,
-    eta: float | None = None,
-    flash_weights: bool = False,
-    img2img: bool = False,
-) -> SamplingPlan:
-    """The :class:`SamplingPlan` of ``choice`` (:func:`kandinsky3.diffusion.registry.sampler_setup`): ``threshold``
-    is the dynamic-thresholding percentile of x̂₀, ``scheduler_config`` a diffusers checkpoint's; the registry
-    refuses what these weights or img2img cannot run."""
-    function, timesteps, options = registry.sampler_setup(
-        choice.sampler, choice.steps, eta=eta, threshold=threshold, scheduler_config=scheduler_config,
-        flash_weights=flash_weights, img2img=img2img,
-    )
-    return SamplingPlan(function, timesteps, options, choice.w)
-
-
 def make_generators(
     seed: int | None, generator: torch.Generator | Sequence[torch.Generator] | None, count: int
 ) -> torch.Generator | list[torch.Generator]:
-    """The randomness of one call of ``count`` images.
+    """The randomness of one call of ``count`` images (checked by
+    :func:`~kandinsky3.pipelines.checks.check_generation`: exactly one of ``seed`` and ``generator``).
 
     ``seed`` gives image i its own CPU generator seeded ``seed + i``, so a batch of prompts gives the same images as
     the prompts one by one, and the same seed gives the same image on every device. A caller's generator (or list
-    of ``count`` generators) is used as given. Without either, a random seed is drawn and logged.
+    of ``count`` generators) is used as given.
     """
-    if generator is not None and seed is not None:
-        raise UsageError("pass either seed or generator, not both")
     if generator is not None:
-        if isinstance(generator, (list, tuple)) and len(generator) != count:
-            raise UsageError(f"got {len(generator)} generators for {count} images; pass one per image")
         return list(generator) if isinstance(generator, (list, tuple)) else generator
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        logger.info("no seed given; using seed %d", seed)
     return [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(count)]
 
 
@@ -173,7 +139,36 @@ def denoise(
         with torch.inference_mode():
             denoiser = guidance.make_cfg_denoiser(bind, text.cond, text.uncond, plan.w, extra_channels=extra)
             x = start(indices, generator).to(device, latent_dtype)
-            results.append(plan.function(denoiser, x, plan.timesteps, alphas_cumprod, generator=generator,
-                                         callback=callback, progress=bar, **plan.options))
+            watch = check_finite(callback, len(plan.timesteps), compute_dtype(unet))
+            x = plan.function(denoiser, x, plan.timesteps, alphas_cumprod, generator=generator, callback=watch,
+                              progress=bar, **plan.options)
+            _require_finite(x, "the end of the last step", compute_dtype(unet))
+            results.append(x)
     return_free_memory()
     return torch.cat(results)
+
+
+def check_finite(callback: Callable[[dict], None] | None, steps: int, dtype: torch.dtype) -> Callable[[dict], None]:
+    """The sampler callback of a run of ``steps`` steps whose U-Net computes in ``dtype``: raises NonFiniteError
+    naming the step as soon as its x_t or x̂₀ holds NaN or infinity (one reduction each per step), else calls
+    ``callback``."""
+
+    def watch(info: dict) -> None:
+        for name in ("x", "x0"):
+            _require_finite(info[name], f"step {info['step'] + 1} of {steps} (t={info['t']})", dtype)
+        if callback is not None:
+            callback(info)
+
+    return watch
+
+
+def _require_finite(latents: torch.Tensor, where: str, dtype: torch.dtype) -> None:
+    if torch.isfinite(latents).all():
+        return
+    if dtype == torch.float16:
+        advice = ("the U-Net computes in float16, which overflows here: load it in bf16 or fp32 "
+                  "(LoadOptions(dtype='bf16'), CLI --dtype bf16)")
+    else:
+        advice = (f"the U-Net computes in {str(dtype).removeprefix('torch.')}: compute in fp32 "
+                  "(LoadOptions(compute_dtype='fp32'), CLI --compute-dtype fp32) or check the weights for NaN/inf")
+    raise NonFiniteError(f"sampling produced NaN or infinite latents at {where}; {advice}")

@@ -1,6 +1,7 @@
 """Text-to-image and Kandinsky Flash pipelines (docs/architecture.md §5.5–5.8, §6.2–6.3, §6.5).
 
-``__call__`` runs named stages: validate → encode text → per mini-batch (start noise → denoise) → decode → output.
+``__call__`` checks the call (:func:`~kandinsky3.pipelines.checks.check_generation`), then ``generate`` runs named
+stages: encode text → per mini-batch (start noise → denoise) → decode → output.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import UsageError, validating
 from ..models.text_encoder import TextEncoder
-from . import checks
 from .base import PipelineBase
+from .checks import GenerationRequest
 from .images import to_output
-from .stages import SamplingPlan, initial_noise, make_generators, plan_sampling
+from .stages import initial_noise
 
 __all__ = ["Kandinsky3Pipeline"]
 
@@ -32,74 +32,55 @@ class Kandinsky3Pipeline(PipelineBase):
         self.flash = flash
 
     @property
-    def default_sampler(self) -> str:
-        return "flash" if self.flash else super().default_sampler
+    def task(self) -> str:
+        return "flash" if self.flash else "text-to-image"
 
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
-        *,
-        width: int | None = None,
-        height: int | None = None,
-        latents: torch.Tensor | None = None,
-        decode_slice_size: int | None = 1,
-        **options: Any,
-    ) -> Any:
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                 **arguments: Any) -> Any:
         """Generate images of ``prompt`` (a str or a list of them).
 
         Args:
             negative_prompt: one for all prompts or one per prompt (its own mask; not truncated).
-            width, height: pixels, multiples of 64 (MoVQ factor × U-Net factor); default: the model's
-                (``sampling_defaults``: 1024 for the released weights, 64 for the bundled tiny model).
-            latents: (B, 4, height/8, width/8) start noise instead of drawing it.
-            decode_slice_size: latents decoded at once (None: the whole batch).
-            options: :class:`~kandinsky3.pipelines.checks.CallOptions` (``steps``, ``guidance_scale``, ``sampler``,
-                ``seed``, ``num_images_per_prompt``, ``output_type``, ...).
+            arguments (keywords; checked by :func:`~kandinsky3.pipelines.checks.check_generation`):
+                width, height: pixels, positive multiples of the model's size multiple (MoVQ factor × U-Net
+                    factor: 64 for the released weights, 32 for the bundled tiny model); default: the model's
+                    (``sampling_defaults``: 1024 for the released weights, 64 for the bundled model).
+                latents: (B, 4, height/8, width/8) finite start noise instead of drawing it.
+                decode_slice_size: latents decoded at once (None: the whole batch; default 1).
+                num_images_per_prompt (alias ``images_num``): images per prompt.
+                bs: images per U-Net batch (the guided batch is twice that); None: all at once.
+                steps (alias ``num_inference_steps``): sampler steps; None: the model's (with its sampler), else
+                    the sampler's own (50 for "original", 25 for "ddpm", "dpmpp_2m", "dpmpp_2m_sde").
+                guidance_scale: w in ε = (w+1)·ε_cond − w·ε_uncond, finite, >= 0; None: the model's, else 3.0;
+                    0 disables guidance.
+                sampler: "original", "original30", "ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde" ("flash" for the
+                    Flash weights); None: the model's, else ``default_sampler``.
+                eta: noise of the "original" (default 1) and "ddim" (default 0) samplers, finite, >= 0.
+                seed: an int in [0, 2**63 − 1]: image i gets a CPU generator seeded seed + i; or ``generator``
+                    (one, or one per image). Neither: a random seed, logged.
+                callback: called at each step with {"step", "t", "x", "x0"} (observe only).
+                progress: show a progress bar over the denoising steps (default True).
+                output_type: "pil" (a list of PIL images, the default), "np" ((B,H,W,3) in [0,1]), "pt"
+                    ((B,3,H,W) in [0,1]) or "latent" ((B,4,h,w)).
 
         Returns:
             The images in ``output_type`` form, B = len(prompts) · num_images_per_prompt.
         """
-        with validating():
-            call = checks.CallOptions(**options)
-            batch = checks.prompts_per_image(prompt, negative_prompt, call.num_images_per_prompt)
-            shape = self._latent_shape(len(batch.prompts), width, height)
-            checks.check_latents(latents, shape)
-            plan = self._plan(call, negative_prompt)
-            generators = make_generators(call.seed, call.generator, len(batch.prompts))
-        conditions = self._encode(batch, plan)
+        return self.generate(self.check(prompt=prompt, negative_prompt=negative_prompt, **arguments))
+
+    def generate(self, request: GenerationRequest) -> Any:
+        """Run a checked call (``pipe.check(...)`` or :func:`~kandinsky3.pipelines.checks.check_generation`)."""
+        request = self._accept(request)
+        conditions = self._encode(request.batch, request.plan)
+        f = self.movq.config.downsample_factor
+        shape = (self.unet.config.out_channels, request.height // f, request.width // f)
 
         def start(indices: list[int], gen) -> torch.Tensor:
-            if latents is not None:
-                return latents[indices]
-            return initial_noise((len(indices), *shape[1:]), gen, torch.device("cpu"))
+            if request.latents is not None:
+                return request.latents[indices]
+            return initial_noise((len(indices), *shape), gen, torch.device("cpu"))
 
-        result = self._denoise(conditions, start, plan, generators, call)
-        if call.output_type == "latent":
-            return result
-        return to_output(self._decode(result, decode_slice_size), call.output_type)
-
-    def _latent_shape(self, count: int, width: int | None, height: int | None) -> tuple[int, int, int, int]:
-        """(B, 4, height/8, width/8) for the requested size, else the model's; raises on sizes the networks
-        cannot take."""
-        width = self.sampling_defaults.width if width is None else width
-        height = self.sampling_defaults.height if height is None else height
-        checks.check_size(width, height, checks.size_multiple(self.unet, self.movq))
-        factor = self.movq.config.downsample_factor
-        return count, self.unet.config.out_channels, height // factor, width // factor
-
-    def _plan(self, call: checks.CallOptions, negative_prompt, *, img2img: bool = False) -> SamplingPlan:
-        """The base model's plan, or Flash's fixed one: Flash refuses what it would ignore."""
-        if not self.flash:
-            return super()._plan(call, negative_prompt, img2img=img2img)
-        given = {
-            "guidance_scale": call.guidance_scale, "negative_prompt": negative_prompt, "eta": call.eta,
-            "steps": call.steps if call.steps not in (None, 4) else None,
-            "sampler": call.sampler if call.sampler not in (None, "flash") else None,
-        }
-        refused = [name for name, value in given.items() if value is not None]
-        if refused:
-            raise UsageError(f"Kandinsky Flash runs 4 fixed steps without guidance; it does not take {refused}")
-        choice = checks.SamplingChoice("flash", None, 0.0)
-        return plan_sampling(choice, threshold=self.threshold_percentile, scheduler_config=self.scheduler_config,
-                             flash_weights=True)
+        latents = self._denoise(conditions, start, request)
+        if request.output_type == "latent":
+            return latents
+        return to_output(self._decode(latents, request.decode_slice_size), request.output_type)

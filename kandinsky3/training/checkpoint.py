@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,7 +31,8 @@ from .ema import EMA
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT", "save_checkpoint", "load_checkpoint", "read_checkpoint", "restore_training_state"]
+__all__ = ["CHECKPOINT", "replace_file", "save_checkpoint", "load_checkpoint", "read_checkpoint",
+           "restore_training_state"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -48,24 +49,30 @@ def save_checkpoint(
         state["ema"] = ema
     if extra is not None:
         state["extra"] = extra
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: torch.save(state, tmp))
     logger.info("saved checkpoint %s (step %d)", path, step)
+
+
+def replace_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write ``path`` atomically: ``write(temporary path beside it)``, then a rename over ``path``, so an
+    interruption leaves the previous file (or none), never a partial one; a failed write removes the temporary."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_checkpoint(out_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint of ``out_dir`` to resume from (None, with a warning, when there is none). Every config
-    value that differs from the checkpoint's is logged as a warning."""
-    path = out_dir / CHECKPOINT
-    if not path.is_file():
-        logger.warning("--resume: no %s; starting from step 0", path)
-        return None
-    state = load_checkpoint(path)
+def read_checkpoint(out_dir: Path, config: TrainConfig) -> dict[str, Any]:
+    """The checkpoint of ``out_dir`` to resume from (:func:`.run_log.check_run_folder` made sure there is one).
+    Every config value that differs from the checkpoint's is logged as a warning."""
+    state = load_checkpoint(out_dir / CHECKPOINT)
     saved, current = _flat(state["config"]), _flat(config_to_dict(config))
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:

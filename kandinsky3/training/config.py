@@ -9,6 +9,8 @@ and a later change of a default never changes what an old file means. The traine
      "model": {...}, "text": {...}, "samples": {...}}                                -> UNetTrainConfig
     {"trainer": "movq", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
      "model": {MoVQConfig}, "loss": {...}, "disc": {...}}                            -> MoVQTrainConfig
+    {"trainer": "finetune", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
+     "model": {...}, "lora": {...}, "text": {...}, "samples": {...}}                 -> FinetuneConfig
     {"trainer": "recipe", "notes": [...], "common": {...}, "stages": [{...}, ...]}   -> recipe_stages
 
 Model architectures are the ``to_dict`` form of :class:`~kandinsky3.models.unet_config.UNetConfig`
@@ -47,6 +49,10 @@ __all__ = [
     "DiscriminatorConfig",
     "UNetTrainConfig",
     "MoVQTrainConfig",
+    "FinetuneConfig",
+    "FinetuneModelConfig",
+    "LoraTrainConfig",
+    "FinetuneTextConfig",
     "TrainConfig",
     "parse_config",
     "load_config",
@@ -304,7 +310,73 @@ class MoVQTrainConfig(TrainConfig):
             raise ValueError(f"model.resolution {self.model.resolution} != data.image_size {self.data.image_size}")
 
 
-TRAINERS: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "movq": MoVQTrainConfig}
+@dataclass(frozen=True, kw_only=True)
+class FinetuneModelConfig:
+    """The model a fine-tuning run starts from, and how its frozen parts are held."""
+
+    base: str  # "tiny", a model folder in any layout, or a Hub repo id
+    dtype: str  # storage dtype of the frozen U-Net weights under LoRA: "fp32" | "bf16" | "fp16" (full: "fp32")
+    stream_t5: str  # "auto" | "yes" | "no": run T5 block by block from its files in the one pass over the captions
+    gradient_checkpointing: bool  # recompute each U-Net block in the backward pass: less memory, ~30 % more time
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        _choice("model.stream_t5", self.stream_t5, ("auto", "yes", "no"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraTrainConfig:
+    """The adapter a fine-tuning run trains (kandinsky3.lora); rank 0 = full fine-tuning of every U-Net weight."""
+
+    rank: int
+    alpha: float  # the adapter's update is scaled by alpha / rank
+    dropout: float
+    targets: tuple[str, ...]  # kandinsky3.lora.TARGET_GROUPS: "attention", "resnet", "text_projection"
+    trigger_words: tuple[str, ...]  # recorded in the file's metadata
+    output: str  # the LoRA file (a model folder for rank 0); "" = <out_dir>/lora.safetensors (<out_dir>/final)
+
+    def __post_init__(self) -> None:
+        from ..lora import LoraSpec
+
+        _at_least(self, 0, "rank")
+        if self.rank:
+            LoraSpec(self.rank, self.alpha, self.dropout, self.targets)  # raises on bad values
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneTextConfig:
+    """The captions' conditioning: T5 runs once over every caption and sample prompt, its states cached."""
+
+    cfg_dropout: float  # probability that a sample trains unconditionally (architecture §4.5)
+    cache: str  # the cached T5 states; "" = <out_dir>/text_cache.pt (reused while its key matches)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"text.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """A fine-tuning run (training.finetune): a LoRA, or every U-Net weight, from an existing model on your images.
+
+    ``data`` is the U-Net run's section (``mask_coverage`` unused); latents are always cached."""
+
+    data: UNetDataConfig
+    model: FinetuneModelConfig
+    lora: LoraTrainConfig
+    text: FinetuneTextConfig
+    samples: SamplesConfig
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora.rank == 0 and self.model.dtype != "fp32":
+            raise ValueError("full fine-tuning (lora.rank 0) trains fp32 weights: set model.dtype to 'fp32'")
+        if self.run.fsdp:
+            raise ValueError("run.fsdp: fine-tuning runs use DDP")
+
+
+TRAINERS: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "movq": MoVQTrainConfig,
+                                          "finetune": FinetuneConfig}
 
 
 # ------------------------------------------------------------------------------------ JSON

@@ -1,12 +1,16 @@
 """What a U-Net run starts from: its text encoder and its U-Net, before any checkpoint is loaded.
 
-- Text encoder: a pretrained folder (``text.encoder_path``: T5 and tokenizer, e.g. Flan-UL2's
-  encoder; or a previous run's model folder, whose ``text_encoder/conditioning.safetensors`` adds the
+- Text encoder: pretrained (``text.encoder_path``: a plain T5 folder such as Flan-UL2's encoder, or
+  the text encoder of any model the project's checkpoint reader opens, e.g. the bundled
+  ``kandinsky3/assets/tiny/base`` or a previous run's ``final/``, whose conditioning tensors add the
   trained projection and null embedding), or a fresh T5 from ``text.t5_config`` with a tokenizer
   trained on the dataset captions (:mod:`.caption_tokenizer`).
 - U-Net: fresh weights, or ``model.init_unet``, read by the project's checkpoint reader (any model
   folder, Hub repo id or U-Net file); a base (4-channel) U-Net loaded into an inpainting (9-channel)
   run is expanded GLIDE-style (:func:`glide_init_state`, architecture §8).
+
+Whatever dtype a pretrained model is stored in (the bundled one is fp16), the run starts from fp32
+copies of its weights; ``run.precision`` decides the compute dtype.
 
 Fresh weights are drawn from the global RNG seeded with ``run.seed`` inside a forked RNG state, so
 every rank starts from the same weights and the caller's RNG is untouched.
@@ -18,21 +22,21 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet, UNetConfig
 from ..weights.build import resolve_config
 from ..weights.loading import component_source
-from ..weights.native import CONDITIONING_FILE, is_native_folder
-from ..weights.t5 import load_t5_tokenizer
+from ..weights.native import CONDITIONING_FILE
+from ..weights.sources import TextSource
+from ..weights.t5 import load_t5, load_t5_tokenizer
 from .caption_tokenizer import train_caption_tokenizer
 from .config import UNetTrainConfig
 from .distributed import barrier
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["initial_models", "text_encoder_for_run", "glide_init_state", "load_init_unet"]
+__all__ = ["initial_models", "text_encoder_for_run", "pretrained_text", "glide_init_state", "load_init_unet"]
 
 
 def initial_models(config: UNetTrainConfig, captions: list[str], out_dir: Path,
@@ -50,22 +54,20 @@ def initial_models(config: UNetTrainConfig, captions: list[str], out_dir: Path,
 def text_encoder_for_run(config: UNetTrainConfig, captions: list[str], out_dir: Path, is_main: bool) -> TextEncoder:
     """The run's :class:`TextEncoder` on the CPU (fresh weights drawn from the global RNG: seed it first).
 
-    Pretrained (``text.encoder_path``, a T5 folder or a model folder's ``text_encoder/``): T5 + tokenizer,
-    and the projection and null embedding from ``conditioning.safetensors`` when present (else fresh ones,
-    drawn from the global RNG). Fresh (``text.t5_config``): the tokenizer from ``text.tokenizer_dir``
-    (default ``out_dir/tokenizer``), trained on ``captions`` by rank 0 when the folder has none, and a new
-    T5 whose vocabulary size is the tokenizer's.
+    Pretrained (``text.encoder_path``, see :func:`pretrained_text`): T5 (in fp32) + tokenizer, and the projection
+    and null embedding of a model's text encoder when it has them (else fresh ones, drawn from the global RNG).
+    Fresh (``text.t5_config``): the tokenizer from ``text.tokenizer_dir`` (default ``out_dir/tokenizer``), trained
+    on ``captions`` by rank 0 when the folder has none, and a new T5 whose vocabulary size is the tokenizer's.
     """
     from transformers import T5Config, T5EncoderModel
 
     text = config.text
-    conditioning = None
+    conditioning: dict[str, torch.Tensor] = {}
     if text.encoder_path:
-        folder = Path(text.encoder_path)
-        folder = folder / "text_encoder" if is_native_folder(folder) else folder
-        t5 = T5EncoderModel.from_pretrained(str(folder))
-        tokenizer = load_t5_tokenizer(folder)
-        conditioning = folder / CONDITIONING_FILE
+        source = pretrained_text(Path(text.encoder_path))
+        t5 = load_t5(source.t5_folder, variant=source.t5_variant, dtype=torch.float32)
+        tokenizer = load_t5_tokenizer(source.tokenizer_folder)
+        conditioning = source.conditioning
     else:
         folder = Path(text.tokenizer_dir) if text.tokenizer_dir else out_dir / "tokenizer"
         if is_main and not (folder / "tokenizer_config.json").is_file():
@@ -80,13 +82,23 @@ def text_encoder_for_run(config: UNetTrainConfig, captions: list[str], out_dir: 
         t5 = T5EncoderModel(T5Config(**fields))
     encoder = TextEncoder(t5, tokenizer, context_dim=config.model.unet.context_dim, max_length=text.max_length,
                           freeze_t5=not text.train_t5)
-    if conditioning is not None and conditioning.is_file():
-        tensors = load_file(str(conditioning))
-        encoder.load_projection({k[len("projection."):]: v for k, v in tensors.items() if k.startswith("projection.")})
-        if "null_embedding" in tensors:
-            encoder.load_null_embedding(tensors["null_embedding"].reshape(-1))
-        logger.info("text projection and null embedding from %s", conditioning)
+    if conditioning:
+        encoder.load_projection({k[len("projection."):]: v.float() for k, v in conditioning.items()
+                                 if k.startswith("projection.")})
+        if "null_embedding" in conditioning:
+            encoder.load_null_embedding(conditioning["null_embedding"].float().reshape(-1))
+        logger.info("text projection%s from %s", " and null embedding" if "null_embedding" in conditioning else "",
+                    text.encoder_path)
     return encoder
+
+
+def pretrained_text(path: Path) -> TextSource:
+    """What ``text.encoder_path`` names: a plain T5 folder (``config.json``, weights, tokenizer; no projection), or
+    the text encoder of any model the checkpoint reader opens (a model folder such as ``kandinsky3/assets/tiny/base``
+    or a run's ``final/``, its ``text_encoder/``, a diffusers or original folder, a Hub repo id)."""
+    if (path / "config.json").is_file() and not (path / CONDITIONING_FILE).is_file():
+        return TextSource(path, path, {})
+    return component_source(path, "text_encoder")
 
 
 def glide_init_state(base: dict[str, torch.Tensor], num_channels: int) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
-"""What a run writes as it goes: ``config.json``, ``train.log`` and the metrics of ``log.csv``.
+"""The run folder and what a run writes as it goes: ``config.json``, ``train.log`` and the metrics of ``log.csv``.
 
-Only rank 0 logs at INFO level and writes files; other ranks log warnings only. Metrics are summed
-as detached tensors between log lines and turned into numbers (a device sync) only when a line is
-written.
+A run starts only in a folder that holds no earlier run, and resumes only from one that has a checkpoint
+(:func:`check_run_folder`), so nothing a run wrote is replaced by another by mistake. Only rank 0 logs at INFO
+level and writes files; other ranks log warnings only. Metrics are summed as detached tensors between log lines
+and turned into numbers (a device sync) only when a line is written.
 """
 
 from __future__ import annotations
@@ -15,13 +16,20 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
+from ..weights.native import check_destination
+from .checkpoint import CHECKPOINT, replace_file
 from .config import TrainConfig, save_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RUN_CONFIG", "setup_logging", "prepare_out_dir", "due", "TrainingLog"]
+__all__ = ["RUN_CONFIG", "RUN_LOG", "EXPORT", "RUN_OUTPUTS", "setup_logging", "check_run_folder", "prepare_out_dir",
+           "due", "TrainingLog"]
 
 RUN_CONFIG = "config.json"
+RUN_LOG = "log.csv"
+EXPORT = "final"  # the model folder written at the end of a run
+RUN_OUTPUTS = (CHECKPOINT, RUN_LOG, EXPORT, "samples")  # what marks a folder as holding a run
 
 
 def setup_logging(is_main: bool, out_dir: Path | None = None) -> None:
@@ -44,12 +52,31 @@ def setup_logging(is_main: bool, out_dir: Path | None = None) -> None:
     root.propagate = False
 
 
+def check_run_folder(out_dir: Path, resume: bool) -> None:
+    """Raise a one-line UsageError unless a run may start (``resume`` False) or continue (True) in ``out_dir``.
+
+    A new run needs a folder holding none of :data:`RUN_OUTPUTS` (other files are left alone); a resumed one needs
+    ``checkpoint.pt``, and a ``final/`` there must be a model folder the end of the run may replace. The trainers
+    call it first, on every process, before the processes meet and before anything is written.
+    """
+    found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if not resume and found:
+        raise UsageError(f"{out_dir} holds a previous run ({', '.join(found)}); pass --resume (resume=True) to "
+                         f"continue it, or set run.out_dir to another folder")
+    if resume and CHECKPOINT not in found:
+        fix = ("remove it or set run.out_dir to another folder to start again" if found
+               else "leave out --resume to start a new run there")
+        raise UsageError(f"--resume: {out_dir} holds no {CHECKPOINT} to continue from; {fix}")
+    if resume:
+        check_destination(out_dir / EXPORT, overwrite=True)
+
+
 def prepare_out_dir(config: TrainConfig, is_main: bool) -> Path:
-    """Create ``run.out_dir``, write the run config beside the checkpoints and log it (rank 0)."""
+    """Create ``run.out_dir``, write the run config beside the checkpoints (atomically) and log it (rank 0)."""
     out_dir = Path(config.run.out_dir)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / RUN_CONFIG)
+        replace_file(out_dir / RUN_CONFIG, lambda tmp: save_config(config, tmp))
         logger.info("run config (%s):\n%s", out_dir / RUN_CONFIG, (out_dir / RUN_CONFIG).read_text().strip())
     return out_dir
 
@@ -74,10 +101,14 @@ class TrainingLog:
             if path.is_file():
                 with path.open(newline="") as handle:
                     keep = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
-            with path.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, self.fields, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(keep)
+
+            def write_rows(tmp: Path) -> None:
+                with tmp.open("w", newline="") as handle:
+                    writer = csv.DictWriter(handle, self.fields, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(keep)
+
+            replace_file(path, write_rows)
 
     def add(self, **values: torch.Tensor | None) -> None:
         """Sum scalar tensors into the next line's averages (None values are skipped)."""

@@ -45,7 +45,7 @@ from .ema import EMA
 from .image_datasets import ImageSource, training_images
 from .losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss, psnr, reconstruction_losses
 from .optim import autocast, build_optimizer, learning_rate, make_grad_scaler, optimizer_step, set_lr
-from .run_log import TrainingLog, due, prepare_out_dir
+from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, movq_samples, save_image_grid
 from .seeding import global_batch_indices, micro_slices, step_generator
 
@@ -69,8 +69,9 @@ class Discriminator(NamedTuple):
 
 
 def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Dataset | None = None) -> Path:
-    """Run (or, with ``resume``, continue) a MoVQ run; returns ``run.out_dir``. ``dataset`` replaces the
-    configured one (tests)."""
+    """Run (or, with ``resume``, continue) a MoVQ run in ``run.out_dir`` (which folders are accepted:
+    :func:`.run_log.check_run_folder`) and return that folder. ``dataset`` replaces the configured one (tests)."""
+    check_run_folder(Path(config.run.out_dir), resume)
     ctx = setup_distributed(config.run.device)
     try:
         out_dir = prepare_out_dir(config, ctx.is_main)
@@ -91,7 +92,7 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
         logger.info("MoVQ: %.2fM parameters; %d training images; device %s, %d process(es)",
                     sum(p.numel() for p in movq.parameters()) / 1e6, len(images), ctx.device, ctx.world_size)
         # the loop: one optimizer step of autoencoder, codebook and discriminator per iteration
-        log = TrainingLog(out_dir / "log.csv", LOG_FIELDS, config.run.log_interval, step, ctx.is_main)
+        log = TrainingLog(out_dir / RUN_LOG, LOG_FIELDS, config.run.log_interval, step, ctx.is_main)
         _train_mode(movq)
         while step < config.schedule.max_steps:
             set_lr(optimizer, learning_rate(step, optim.lr, config.schedule.warmup_steps))
@@ -115,7 +116,7 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
         if ctx.is_main and not due(step, config.run.checkpoint_interval):
             save_movq_checkpoint(config, step, movq, optimizer, scaler, disc, ema)
         if ctx.is_main:
-            export(movq, ema, images, out_dir / "final")
+            export(movq, ema, images, out_dir / EXPORT)
         barrier()
         return out_dir
     finally:

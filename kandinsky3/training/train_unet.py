@@ -70,7 +70,7 @@ from .image_datasets import ImageSource, MaterializedImages, training_images
 from .initial_models import initial_models
 from .inpainting_masks import random_masks
 from .optim import autocast, build_optimizer, learning_rate, make_grad_scaler, optimizer_step, set_lr
-from .run_log import TrainingLog, due, prepare_out_dir
+from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, save_image_grid, unet_samples
 from .seeding import global_batch_indices, micro_slices, sample_generator, step_generator
 
@@ -87,9 +87,9 @@ class DiffusionModel(nn.Module):
     ``forward`` returns the mean ε-MSE of a micro-batch; all randomness comes in as tensors.
     """
 
-    def __init__(self, unet: UNet, text_encoder: TextEncoder):
+    def __init__(self, unet: UNet, text_encoder: TextEncoder, style: str = "original"):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.text_encoder, self.style = unet, text_encoder, style  # style: conditioning.CONDITIONING_STYLES
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(), persistent=False)
 
     def forward(
@@ -98,7 +98,8 @@ class DiffusionModel(nn.Module):
     ) -> torch.Tensor:
         """x0, noise (b,4,h,w); ids / mask (b,N) (1 = real token); t (b,) int in [0, 999]; drop (b,) bool
         (True = unconditional); extra (b,5,h,w) inpainting channels [keep, masked latent] or None."""
-        context, mask = training_conditions(self.text_encoder, input_ids, attention_mask, drop)  # (b,L,C), (b,L)
+        context, mask = training_conditions(self.text_encoder, input_ids, attention_mask, drop,
+                                            style=self.style)  # (b,L,C), (b,L)
         x_t = q_sample(x0, noise, t, self.alphas_cumprod)  # (b,4,h,w)
         unet_input = x_t if extra is None else torch.cat([x_t, extra], dim=1)  # (b,4 or 9,h,w)
         eps = self.unet(unet_input, t, context, mask)
@@ -106,13 +107,15 @@ class DiffusionModel(nn.Module):
 
 
 def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Dataset | None = None) -> Path:
-    """Run (or, with ``resume``, continue) a U-Net run; returns ``run.out_dir``. ``dataset`` replaces the
-    configured one (tests)."""
+    """Run (or, with ``resume``, continue) a U-Net run; returns ``run.out_dir``, which must hold no earlier run
+    (or, to resume, its checkpoint: :func:`.run_log.check_run_folder`). ``dataset`` replaces the configured one
+    (tests)."""
+    check_run_folder(Path(config.run.out_dir), resume)
     ctx = setup_distributed(config.run.device)
     try:
         out_dir = prepare_out_dir(config, ctx.is_main)
         # data: the images and their captions; the frozen MoVQ that turns images into latents
-        movq = load_movq(config.model.movq_path, device=ctx.device).requires_grad_(False)
+        movq = load_movq(config.model.movq_path, dtype=torch.float32, device=ctx.device).requires_grad_(False)
         images = training_images(config.data, dataset)
         captions = images.all_captions()
         # model: text encoder and U-Net (the same fresh weights on every rank, or init_unet), then the checkpoint
@@ -134,7 +137,7 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
             step = restore_training_state(state, scaler, ema)
         _describe(config, raw, len(data), ctx)
         # the loop: one optimizer step per iteration, then logs, samples and checkpoints when due
-        log = TrainingLog(out_dir / "log.csv", LOG_FIELDS, config.run.log_interval, step, ctx.is_main)
+        log = TrainingLog(out_dir / RUN_LOG, LOG_FIELDS, config.run.log_interval, step, ctx.is_main)
         schedule = config.schedule
         raw.train()
         while step < schedule.max_steps:
@@ -162,7 +165,7 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
         if not due(step, config.run.checkpoint_interval):
             save_unet_checkpoint(config, ctx, step, raw, model, optimizer, scaler, ema)
         with ema.swapped(raw) if ema is not None else contextlib.nullcontext():
-            export_model(config, raw, out_dir / "final", ctx.is_main)
+            export_model(config, raw, out_dir / EXPORT, ctx.is_main)
         barrier()
         return out_dir
     finally:

@@ -21,7 +21,9 @@ Reading: :class:`NativeCheckpoint` opens a whole folder; :func:`read_component` 
 one component folder. Writing: :func:`write_native`, from networks in memory, state dicts or another checkpoint's
 lazy sources, used by the converter, ``save_native`` and the trainers. It fills a temporary folder beside the
 target and renames it into place when complete: an interrupted write leaves nothing under the target's name, and
-an existing target is replaced only once its successor is complete. Configs load with ``from_dict``, which rejects
+an existing target is replaced only once its successor is complete. A target is replaced only when asked to
+(``overwrite``) and only when it holds nothing but the files listed above (:func:`check_destination`): a folder
+with anything else in it, a file or a link is never deleted. Configs load with ``from_dict``, which rejects
 unknown and missing keys; weights are written one tensor at a time
 (:func:`kandinsky3.weights.safe_io.write_safetensors`).
 """
@@ -43,6 +45,7 @@ import torch
 from torch import nn
 
 from kandinsky3.components import COMPONENTS, SamplingDefaults, parse_dtype
+from kandinsky3.errors import UsageError
 from kandinsky3.lowmem.storage import is_streamed
 from kandinsky3.models.text_encoder import TextEncoder
 from kandinsky3.weights.build import KINDS, cast, expected_shapes, resolve_config
@@ -50,7 +53,7 @@ from kandinsky3.weights.diffusers import read_json
 from kandinsky3.weights.original import VARIANTS
 from kandinsky3.weights.safe_io import CheckpointError, check_shapes, write_safetensors
 from kandinsky3.weights.sources import Checkpoint, DictSource, ModelSource, SafetensorsSource, TensorSource, TextSource
-from kandinsky3.weights.t5 import copy_tokenizer_files, load_t5_config, t5_weight_source, write_t5
+from kandinsky3.weights.t5 import TOKENIZER_FILES, copy_tokenizer_files, load_t5_config, t5_weight_source, write_t5
 
 __all__ = [
     "FORMAT",
@@ -62,6 +65,7 @@ __all__ = [
     "read_component",
     "read_text_folder",
     "NativeCheckpoint",
+    "DestinationError",
     "check_destination",
     "manifest_fields",
     "write_native",
@@ -76,6 +80,12 @@ CONDITIONING_FILE = "conditioning.safetensors"
 CONDITIONINGS = ("original", "diffusers")
 _REQUIRED = ("format", "format_version", "conditioning", "variant", "components")
 _OPTIONAL = ("sampling_defaults", "scheduler_config", "source")
+# Every path write_native creates inside a model folder (the component folders themselves aside).
+_WRITTEN = frozenset({
+    MANIFEST,
+    *(f"{kind}/{name}" for kind in ("unet", "movq") for name in ("config.json", "model.safetensors")),
+    *(f"text_encoder/{name}" for name in ("config.json", "model.safetensors", CONDITIONING_FILE, *TOKENIZER_FILES)),
+})
 
 # What write_native accepts for one component (see its docstring).
 ModelWeights = Union[nn.Module, tuple[Any, Mapping[str, torch.Tensor]], ModelSource, Checkpoint]
@@ -213,7 +223,8 @@ def write_native(
     a :class:`TextSource`, or a :class:`Checkpoint`. ``conditioning`` ("original" keeps the null embedding,
     "diffusers" has none) must match a copied text encoder's. ``sampling_defaults`` None records 1024×1024.
     ``dtype`` ("fp16", "bf16", "fp32", a torch dtype, or None to keep) applies to floating tensors; T5's ``wo``
-    stays fp32 under fp16. A non-empty ``folder`` is a FileExistsError unless ``overwrite``.
+    stays fp32 under fp16. An existing ``folder`` is replaced only as :func:`check_destination` allows (a
+    non-empty one needs ``overwrite``); otherwise a :class:`DestinationError` is raised before anything is written.
     """
     folder, dtype = Path(folder), parse_dtype(dtype)
     given = {"unet": unet, "movq": movq, "text_encoder": text_encoder}
@@ -230,7 +241,7 @@ def write_native(
     check_destination(folder, overwrite)
     models = {kind: _model_source(kind, given[kind]) for kind in ("unet", "movq") if given[kind] is not None}
     text = None if text_encoder is None else _text_parts(text_encoder, conditioning)
-    with _staging(folder) as staging:
+    with _staging(folder, overwrite) as staging:
         for kind, model in models.items():
             logger.info("writing %s (from %s)", kind, model.tensors.path or "memory")
             _write_component(staging / kind, kind, model, dtype)
@@ -331,29 +342,70 @@ def _write_text_folder(folder: Path, text: _TextParts, dtype: torch.dtype | None
     write_safetensors(folder / CONDITIONING_FILE, layout, tensors.__getitem__, {"format": "pt"})
 
 
+class DestinationError(UsageError, FileExistsError):
+    """A model folder cannot be written where asked: the destination exists (and ``overwrite`` was not given),
+    holds something kandinsky3 did not write, or overlaps the checkpoint being read."""
+
+
 def check_destination(folder: Path, overwrite: bool) -> None:
-    """Refuse (FileExistsError) to replace a non-empty ``folder`` unless ``overwrite``."""
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    """Raise a :class:`DestinationError` unless :func:`write_native` may put a model folder at ``folder``: it does
+    not exist, or it is an empty folder, or (with ``overwrite``) a folder holding only what ``write_native``
+    writes. A file, a link, or a folder with anything else in it (a few of those entries are named) is never
+    replaced; nor, without ``overwrite``, a non-empty folder."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        kind = "a link" if folder.is_symlink() else "a file"
+        raise DestinationError(f"{folder} is {kind}, not a model folder; choose another destination")
+    if not folder.exists():
+        return
+    foreign = _foreign_entries(folder)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DestinationError(f"{folder} holds files kandinsky3 did not write ({listed}), which it never deletes; "
+                               f"choose another destination or move them away")
+    if not overwrite and any(folder.iterdir()):
+        raise DestinationError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Paths under ``folder`` (relative, sorted; a foreign folder as ``name/``, its contents unlisted) that are not
+    what write_native writes. Links are not followed: a linked component (``movq -> ../base/movq``) is one entry,
+    and replacing the folder removes the link, never what it points to."""
+    foreign = []
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        for name in sorted(files):
+            if (base / name).as_posix() not in _WRITTEN:
+                foreign.append((base / name).as_posix())
+        for name in sorted(dirs):
+            if base != Path(".") or name not in COMPONENTS:
+                foreign.append((base / name).as_posix() + "/")
+        dirs[:] = [name for name in dirs if base == Path(".") and name in COMPONENTS]
+    return sorted(foreign)
 
 
 @contextlib.contextmanager
-def _staging(folder: Path) -> Iterator[Path]:
-    """A new folder beside ``folder`` to write into. On success it takes ``folder``'s place (a previous ``folder``
-    is moved aside first and deleted last); on error it is removed and ``folder`` is left as it was."""
+def _staging(folder: Path, overwrite: bool) -> Iterator[Path]:
+    """A new folder beside ``folder`` to write into. On success it takes ``folder``'s place (a previous ``folder``,
+    checked again by :func:`check_destination`, is moved aside first and deleted last); on error it is removed and
+    ``folder`` is left as it was."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging = folder.with_name(f".{folder.name}.partial-{tag}")
     staging.mkdir()
     try:
         yield staging
+        check_destination(folder, overwrite)  # again: files may have appeared there while this was written
+        previous = folder.with_name(f".{folder.name}.previous-{tag}") if folder.exists() else None
+        if previous is not None:
+            folder.rename(previous)
+        try:
+            staging.rename(folder)
+        except BaseException:
+            if previous is not None:
+                previous.rename(folder)
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    previous = None
-    if folder.is_symlink() or folder.exists():
-        previous = folder.with_name(f".{folder.name}.previous-{tag}")
-        folder.rename(previous)
-    staging.rename(folder)
     if previous is not None:
-        shutil.rmtree(previous) if previous.is_dir() and not previous.is_symlink() else previous.unlink()
+        shutil.rmtree(previous)

@@ -221,3 +221,21 @@ def test_the_seed_arguments_become_load_options():
 def test_unsupported_quantised_loading_is_refused(original):
     with pytest.raises(TypeError, match="8/4-bit"):
         get_T2I_pipeline("cpu", model=original.root, load_options=TINY, load_in_8bit=True)
+
+
+@pytest.mark.parametrize("layout, task", [("diffusers", "text-to-image"), ("original", "flash"),
+                                          ("original", "inpainting")])
+def test_model_facts_before_loading_agree_with_the_loaded_pipeline(original, diffusers_folder, layout, task):
+    """What the command line and the server check before loading (model_facts) is what the pipeline checks."""
+    from kandinsky3.pipelines import ModelFacts, model_facts
+
+    root, options = (diffusers_folder.root, LoadOptions()) if layout == "diffusers" else \
+        (original.root, LoadOptions(**TINY))
+    before = model_facts(root, task, options, device="cpu")
+    after = ModelFacts.of_pipeline(load_pipeline(task, root, device="cpu", options=options))
+    for name in ("task", "unet_config", "movq_config", "sampling_defaults", "default_sampler",
+                 "default_guidance_scale", "threshold_percentile", "scheduler_config"):
+        assert getattr(before, name) == getattr(after, name), name
+    assert dict(before.compute_dtypes) == dict(after.compute_dtypes)
+    assert before.default_sampler == {"diffusers": "ddpm", "original": "original"}[layout] or task == "flash"
+    assert before.flash == (task == "flash") and before.inpainting == (task == "inpainting")

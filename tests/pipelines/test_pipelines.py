@@ -77,8 +77,8 @@ def test_callback_sees_every_step(t2i):
     assert seen == [999, 665, 331]  # original sampler: stride ceil(1000/3) = 334 from 999 (docs/architecture.md §5.5)
 
 
-@pytest.mark.parametrize("sampler, stochastic", [("original", True), ("original30", True), ("ddpm", True), ("ddim", False),
-                                                  ("dpmpp_2m", False), ("dpmpp_2m_sde", True)])
+@pytest.mark.parametrize("sampler, stochastic", [("original", True), ("original30", True), ("ddpm", True),
+                                                  ("ddim", False), ("dpmpp_2m", False), ("dpmpp_2m_sde", True)])
 def test_every_sampler_runs_and_draws_noise_only_if_stochastic(t2i, sampler, stochastic):
     """With the start latents fixed, the seed reaches the result only through a stochastic sampler's noise."""
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))

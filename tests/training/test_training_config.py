@@ -108,10 +108,22 @@ def test_train_command_reports_a_bad_config_in_one_line(tmp_path, capsys):
     assert "--stage is for recipes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["small_movq", "small_unet", "small_inpainting", "smoke_movq", "smoke_unet"])
+@pytest.mark.parametrize("name", ["small_movq", "small_unet", "small_inpainting", "smoke_movq", "smoke_unet",
+                                  "finetune_tiny"])
 def test_shipped_run_configs_load(name):
     config = load_config(CONFIGS / f"{name}.json")
     assert config.run.out_dir.startswith("runs/")
+
+
+def test_the_fine_tuning_config_starts_from_the_bundled_model_and_matches_its_unet():
+    """configs/finetune_tiny.json reads U-Net, MoVQ and text encoder from the bundled folder (paths relative to the
+    repository root) and describes exactly the bundled U-Net, so init_unet loads with strict=True."""
+    config = load_config(CONFIGS / "finetune_tiny.json")
+    bundled = "kandinsky3/assets/tiny/base"
+    assert config.model.init_unet == config.model.movq_path == config.text.encoder_path == bundled
+    shipped = json.loads((CONFIGS.parent / bundled / "unet" / "config.json").read_text())
+    assert config.model.unet == UNetConfig.from_dict(shipped)
+    assert config.data.dataset == "folder" and config.data.image_size == 64 and not config.text.train_t5
 
 
 def test_full_recipe_has_the_report_schedule():

@@ -8,6 +8,8 @@ equal to the source cast to fp16 (T5's ``wo`` stays fp32, as transformers keeps 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,8 @@ from _checkpoints import (
 from safetensors import safe_open
 
 from kandinsky3.cli import main
-from kandinsky3.weights import convert, load_components
+from kandinsky3.errors import UsageError
+from kandinsky3.weights import convert, load_components, native
 
 HINTS = dict(head_dim=4, groups=4)
 
@@ -88,14 +91,116 @@ def test_original_30_with_full_t5_converts_only_the_encoder(tmp_path):
     assert_text_matches(loaded.text_encoder, written.texts["base"])
 
 
+def _tree(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under ``folder`` (links not followed): file bytes, link targets, folders as ""."""
+    tree = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        tree[key] = f"-> {os.readlink(path)}" if path.is_symlink() else path.read_bytes() if path.is_file() else ""
+    return tree
+
+
 def test_converter_refuses_a_non_empty_destination_unless_overwrite(original31, tmp_path):
-    dst = tmp_path / "busy"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("x")
+    dst = convert(original31.root, tmp_path / "model", components=("movq",))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        convert(original31.root, dst, components=("unet",), **HINTS)
+    assert json.loads((dst / "kandinsky3.json").read_text())["components"] == ["movq"]
+    convert(original31.root, dst, components=("unet",), overwrite=True, **HINTS)
+    assert json.loads((dst / "kandinsky3.json").read_text())["components"] == ["unet"]
+    assert sorted(p.name for p in dst.iterdir()) == ["kandinsky3.json", "unet"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left beside it
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains", "link"])
+def test_convert_refuses_a_destination_overlapping_the_source_before_writing(tmp_path, where):
+    """dst = the source, a folder inside it, a folder containing it, or a link to it: refused (even with
+    overwrite) before anything is written, and the source is left byte for byte as it was."""
+    src = write_original(tmp_path / "parent" / "k31", "3.1", ("base",)).root
+    dst = {"same": src, "inside": src / "native", "contains": src.parent, "link": tmp_path / "link"}[where]
+    if where == "link":
+        dst.symlink_to(src, target_is_directory=True)
+    before = _tree(tmp_path)
+    with pytest.raises(UsageError, match="the source"):
+        convert(src, dst, overwrite=True, **HINTS)
+    assert _tree(tmp_path) == before
+
+
+def test_convert_refuses_a_destination_holding_a_file_the_source_links_to(tmp_path):
+    """A native source whose movq/ links into another model folder: that folder may not be the destination."""
+    base = convert(write_original(tmp_path / "k31", "3.1", ("base",)).root, tmp_path / "base", **HINTS)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "movq").symlink_to(base / "movq", target_is_directory=True)
+    manifest = {**json.loads((base / "kandinsky3.json").read_text()), "components": ["movq"]}
+    (linked / "kandinsky3.json").write_text(json.dumps(manifest))
+    before = _tree(base)
+    with pytest.raises(UsageError, match=r"contains the source .*movq"):
+        convert(linked, base, components=("movq",), overwrite=True)
+    assert _tree(base) == before
+
+
+def test_cli_convert_onto_its_source_is_one_line_and_status_2(tmp_path, capsys):
+    src = write_original(tmp_path / "k31", "3.1", ("base",)).root
+    before = _tree(src)
+    assert main(["convert", str(src), str(src), "--overwrite", "--head-dim", "4", "--groups", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is the source" in err and len(err.splitlines()) == 1
+    assert _tree(src) == before
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_failed_conversion_leaves_nothing_and_the_rerun_needs_no_overwrite(original31, tmp_path, monkeypatch,
+                                                                             failure):
+    """The T5 copy is written last: failing there (after unet/ and movq/ were written) leaves no destination and
+    no staging folder, so the same command then succeeds without --overwrite."""
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(native, "write_t5", fail)
+    with pytest.raises(type(failure)):
+        convert(original31.root, tmp_path / "model", **HINTS)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    dst = convert(original31.root, tmp_path / "model", **HINTS)
+    assert json.loads((dst / "kandinsky3.json").read_text())["components"] == ["unet", "movq", "text_encoder"]
+
+
+def test_a_failed_overwrite_keeps_the_previous_model(original31, tmp_path, monkeypatch):
+    dst = convert(original31.root, tmp_path / "model", **HINTS)
+    before = _tree(dst)
+    monkeypatch.setattr(native, "write_t5", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        convert(original31.root, dst, dtype="fp16", overwrite=True, **HINTS)
+    assert _tree(dst) == before and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_overwrite_never_deletes_files_kandinsky3_did_not_write(original31, tmp_path):
+    """--overwrite replaces a model folder, but one that also holds the user's files is refused, naming them."""
+    dst = convert(original31.root, tmp_path / "model", components=("movq",))
+    (dst / "notes.txt").write_text("mine")
+    (dst / "photos").mkdir()
+    (dst / "photos" / "a.png").write_bytes(b"png")
+    (dst / "movq" / "extra.bin").write_bytes(b"x")
+    before = _tree(dst)
+    with pytest.raises(UsageError, match=r"did not write \(movq/extra\.bin, notes\.txt, photos/\)"):
+        convert(original31.root, dst, components=("movq",), overwrite=True)
+    assert _tree(dst) == before
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a file")
+    with pytest.raises(UsageError, match="is a file"):
+        convert(original31.root, plain, components=("movq",), overwrite=True)
+    assert plain.read_text() == "a file"
+
+
+def test_overwrite_replaces_a_partial_model_folder_of_an_older_version(original31, tmp_path):
+    """A folder holding only files a model folder has (e.g. unet/ without a manifest) is kandinsky3's to replace."""
+    dst = tmp_path / "model"
+    (dst / "unet").mkdir(parents=True)
+    (dst / "unet" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="overwrite"):
         convert(original31.root, dst, components=("movq",))
     convert(original31.root, dst, components=("movq",), overwrite=True)
-    assert not (dst / "keep.txt").exists() and (dst / "movq" / "model.safetensors").is_file()
+    assert sorted(p.name for p in dst.iterdir()) == ["kandinsky3.json", "movq"]
 
 
 def test_cli_convert_writes_a_native_folder(original31, tmp_path, capsys):

@@ -8,6 +8,7 @@ _checkpoints (identical in practice).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from _checkpoints import (
 
 import kandinsky3
 from kandinsky3.components import COMPONENTS, SamplingDefaults, parse_dtype
+from kandinsky3.errors import UsageError
 from kandinsky3.models.unet import UNetConfig
 from kandinsky3.weights import (
     CheckpointError,
@@ -39,6 +41,8 @@ from kandinsky3.weights import (
     open_checkpoint,
     write_native as write_native_folder,
 )
+from kandinsky3.weights import native as native_layout
+from kandinsky3.weights.native import DestinationError, check_destination
 
 TINY_MODEL = Path(kandinsky3.__file__).resolve().parent / "assets" / "tiny"
 HINTS = dict(head_dim=4, groups=4)
@@ -176,19 +180,62 @@ def test_copied_text_encoder_must_match_the_requested_conditioning(tmp_path):
 
 
 def test_a_failed_write_leaves_the_destination_as_it_was(tmp_path):
-    target = tmp_path / "model"
-    target.mkdir()
-    (target / "keep.txt").write_text("x")
+    target = write_native_folder(tmp_path / "model", movq=make_movq(seed=1))
+    before = _files(target)
     state = make_unet().state_dict()
     del state["out_layer.2.bias"]
     with pytest.raises(CheckpointError, match=r"missing keys \[out_layer\.2\.bias\]"):
         write_native_folder(target, movq=make_movq(), unet=(TINY_UNET, state), overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "keep.txt").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and _files(target) == before
     with pytest.raises(FileExistsError, match="overwrite"):
         write_native_folder(target, movq=make_movq())
     with pytest.raises(ValueError, match="bad conditioning"):
         write_native_folder(tmp_path / "new", movq=make_movq(), conditioning="sd")
     assert not (tmp_path / "new").exists()
+
+
+def test_every_file_the_writer_writes_is_its_own_to_replace(native, tmp_path):
+    """Whatever write_native writes (a tokenizer saved by transformers or copied from a hub-style folder, a
+    movq-only folder) and the bundled models (inpainting links its MoVQ and T5 files to the base) may be replaced
+    with overwrite; the links are replaced, never what they point to."""
+    copied = convert(write_original(tmp_path / "k31").root, tmp_path / "copied", **HINTS)  # spiece.model copied
+    movq_only = write_native_folder(tmp_path / "movq_only", movq=make_movq())
+    for folder in (native.root, copied, movq_only, TINY_MODEL / "base", TINY_MODEL / "inpainting"):
+        check_destination(folder, overwrite=True)
+    bundled = tmp_path / "bundled"
+    shutil.copytree(TINY_MODEL, bundled, symlinks=True)
+    base_files = _files(bundled / "base")
+    write_native_folder(bundled / "inpainting", movq=make_movq(), overwrite=True)
+    assert not (bundled / "inpainting" / "movq").is_symlink() and _files(bundled / "base") == base_files
+
+
+def test_files_that_appear_in_the_destination_during_a_write_are_kept(tmp_path, monkeypatch):
+    """The destination is checked again just before it is replaced: a file the user put there meanwhile stops
+    the swap, and the staging folder is removed."""
+    target = write_native_folder(tmp_path / "model", movq=make_movq(seed=1))
+    write_t5 = native_layout.write_t5
+
+    def write_t5_meanwhile(*args, **kwargs):
+        (target / "notes.txt").write_text("mine")
+        return write_t5(*args, **kwargs)
+
+    monkeypatch.setattr(native_layout, "write_t5", write_t5_meanwhile)
+    with pytest.raises(DestinationError, match=r"did not write \(notes\.txt\)"):
+        write_native_folder(target, movq=make_movq(), text_encoder=make_text_encoder(), overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["kandinsky3.json", "movq", "notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_destination_errors_are_usage_errors_and_file_exists_errors(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "a.txt").write_text("x")
+    with pytest.raises(DestinationError) as info:
+        write_native_folder(tmp_path / "model", movq=make_movq(), overwrite=True)
+    assert isinstance(info.value, UsageError) and isinstance(info.value, FileExistsError)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "model", target_is_directory=True)
+    with pytest.raises(DestinationError, match="is a link"):
+        write_native_folder(link, movq=make_movq(), overwrite=True)
 
 
 def test_a_streamed_text_encoder_is_refused_with_the_fix(native, tmp_path):

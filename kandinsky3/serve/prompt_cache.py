@@ -1,0 +1,72 @@
+"""An LRU cache of encoded prompts: T5 is the slowest stage on a CPU, and UIs send the same prompt again and again.
+
+    cache = cache_prompts(pipe.text_encoder, max_entries=64)   # from now on repeated prompts skip T5
+    cache.hits, cache.misses
+
+The hook is the text encoder's public :meth:`~kandinsky3.models.text_encoder.TextEncoder.encode_tokens`, through
+which every prompt and negative prompt of every pipeline is encoded: the instance's method is wrapped (the class
+and the pipelines are untouched). The key is the exact token ids and mask of the batch, so a hit returns the
+very tensors T5 gave for it — results stay bit-identical — and a cached batch is reused whatever the task.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Callable
+
+import torch
+
+from ..models.text_encoder import TextEncoder
+
+__all__ = ["PromptCache", "cache_prompts"]
+
+Encoded = tuple[torch.Tensor, torch.Tensor]  # context (B, L, C), mask (B, L) bool
+
+
+class PromptCache:
+    """Least recently used {token ids and mask → (context, mask)} of at most ``max_entries`` batches."""
+
+    def __init__(self, encode_tokens: Callable[[torch.Tensor, torch.Tensor], Encoded], max_entries: int):
+        self.encode_tokens = encode_tokens
+        self.max_entries = max_entries
+        self.hits = self.misses = 0
+        self._entries: collections.OrderedDict[bytes, Encoded] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
+        key = _key(input_ids, attention_mask)
+        with self._lock:
+            cached = self._entries.get(key)
+            if cached is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        if cached is None:
+            cached = self.encode_tokens(input_ids, attention_mask)
+            with self._lock:
+                self.misses += 1
+                self._entries[key] = cached
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+        return cached[0].clone(), cached[1].clone()  # callers may write into what they get
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:
+    ids, mask = input_ids.detach().to("cpu", torch.int64), attention_mask.detach().to("cpu", torch.int64)
+    return repr(tuple(ids.shape)).encode() + ids.numpy().tobytes() + mask.numpy().tobytes()
+
+
+def cache_prompts(text_encoder: TextEncoder, max_entries: int = 64) -> PromptCache | None:
+    """Wrap ``text_encoder.encode_tokens`` in a :class:`PromptCache` (idempotent); ``max_entries`` 0 caches nothing
+    and returns None."""
+    current = text_encoder.__dict__.get("encode_tokens")
+    if isinstance(current, PromptCache):
+        return current
+    if max_entries <= 0:
+        return None
+    cache = PromptCache(text_encoder.encode_tokens, max_entries)
+    text_encoder.encode_tokens = cache  # an instance attribute: shadows the method for this encoder only
+    return cache

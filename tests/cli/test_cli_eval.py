@@ -1,0 +1,30 @@
+"""``kandinsky3 eval`` shows its progress (the default run takes minutes): a bar over the prompts of each split."""
+
+import pytest
+from PIL import Image
+
+from kandinsky3 import cli, command, report
+from kandinsky3.evaluation import evaluate
+
+
+def _blank(prompts, seed):
+    return [Image.new("RGB", (32, 32), (128, 128, 128)) for _ in prompts]
+
+
+def test_evaluate_draws_a_progress_bar_over_the_prompts_when_asked(capsys):
+    prompts = ["a red circle", "a blue square", "a green triangle", "a red square", "a blue circle"]
+    evaluate(_blank, prompts, batch_size=2, progress=True, desc="checking")
+    err = capsys.readouterr().err
+    assert "checking" in err and "5/5" in err and "prompt" in err
+    evaluate(_blank, prompts, batch_size=2)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flags, shown", [((), True), (("--no-progress",), False)])
+def test_eval_command_shows_a_bar_per_split_unless_told_not_to(monkeypatch, capsys, flags, shown):
+    monkeypatch.setattr(command, "set_threads", lambda: None)
+    monkeypatch.setattr(report, "movq_psnr", lambda movq: 0.0)  # 200 autoencoder passes: not what is tested here
+    assert cli.main(["eval", "--num-prompts", "2", "--steps", "2", *flags]) == 0
+    err = capsys.readouterr().err
+    for split in ("seen", "heldout"):
+        assert (f"text-to-image, {split} prompts" in err and "2/2" in err) == shown, err

@@ -1,0 +1,57 @@
+"""The CPU thread count of a ``kandinsky3`` run: PyTorch's own, less the cores other processes keep busy and what
+the container's CPU quota forbids; OMP_NUM_THREADS, when set, is the user's choice."""
+
+import pytest
+import torch
+
+from kandinsky3 import cli, command
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """``machine(cores, load, quota=None)``: pretend this process may use ``cores`` CPUs under a 1-minute load
+    average of ``load`` and a cgroup quota of ``quota`` CPUs."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def pretend(cores: int, load: float, quota: float | None = None) -> None:
+        monkeypatch.setattr(command.os, "sched_getaffinity", lambda pid: set(range(cores)))
+        monkeypatch.setattr(command.os, "getloadavg", lambda: (load, load, load))
+        monkeypatch.setattr(command, "_cgroup_cpus", lambda: quota)
+
+    return pretend
+
+
+def test_an_idle_machine_keeps_pytorchs_thread_count(machine):
+    machine(cores=8, load=0.3)
+    assert command.cpu_threads(default=8) is None
+
+
+def test_busy_cores_are_left_to_the_processes_that_use_them(machine):
+    machine(cores=2, load=1.7)  # the README's first command: 11 s idle, 105-283 s with 2 threads on 2 busy cores
+    assert command.cpu_threads(default=2) == 1
+    machine(cores=16, load=5.2)
+    assert command.cpu_threads(default=16) == 11
+    machine(cores=2, load=9.0)
+    assert command.cpu_threads(default=2) == 1  # never fewer than one
+
+
+def test_the_containers_cpu_quota_caps_the_threads(machine):
+    machine(cores=64, load=0.0, quota=1.5)  # docker --cpus 1.5: PyTorch sees 64 cores
+    assert command.cpu_threads(default=32) == 2
+
+
+def test_omp_num_threads_is_the_users_choice(machine, monkeypatch):
+    machine(cores=2, load=1.9)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert command.cpu_threads(default=2) is None
+
+
+def test_every_command_applies_the_choice_before_it_runs(machine, monkeypatch, capsys):
+    machine(cores=4, load=2.0)
+    chosen = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(cli, "run_generate", lambda args: len(chosen))
+    assert cli.main(["generate", "a"]) == 1 and chosen == [2]
+    monkeypatch.setattr(cli, "_train", lambda argv: len(chosen))
+    assert cli.main(["train", "config.json"]) == 2 and chosen == [2, 2]
