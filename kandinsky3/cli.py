@@ -439,7 +439,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from kandinsky3 import report
+    from kandinsky3 import evaluation
     from kandinsky3.pipelines import LoadOptions, load_pipeline
 
     start = time.perf_counter()
@@ -448,13 +448,13 @@ def run_eval(args: argparse.Namespace) -> int:
     options = dict(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale)
     progress = not args.no_progress
     results = {
-        "text_to_image": report.evaluate_text_to_image(pipe, args.num_prompts, seed=args.seed, progress=progress,
+        "text_to_image": evaluation.evaluate_text_to_image(pipe, args.num_prompts, seed=args.seed, progress=progress,
                                                        **options),
-        "movq_psnr": report.movq_psnr(pipe.movq),
+        "movq_psnr": evaluation.movq_psnr(pipe.movq),
     }
     if args.inpainting:
         inpaint = load_pipeline("inpainting", args.model, device="cpu", options=fp32)
-        results["inpainting"] = report.evaluate_inpainting(inpaint, args.num_prompts, seed=args.seed,
+        results["inpainting"] = evaluation.evaluate_inpainting(inpaint, args.num_prompts, seed=args.seed,
                                                            steps=args.steps, progress=progress)
     print(json.dumps(results, indent=2))
     print(f"evaluated in {time.perf_counter() - start:.1f} s")

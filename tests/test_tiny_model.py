@@ -12,7 +12,7 @@ import pytest
 from kandinsky3 import get_inpainting_pipeline, get_T2I_pipeline
 from kandinsky3.data.shapes import eval_prompts
 from kandinsky3.evaluation import evaluate
-from kandinsky3.report import evaluate_inpainting, movq_psnr
+from kandinsky3.evaluation import evaluate_inpainting, movq_psnr
 
 pytestmark = pytest.mark.slow
 

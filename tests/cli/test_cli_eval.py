@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from kandinsky3 import cli, command, report
+from kandinsky3 import cli, command, evaluation
 from kandinsky3.evaluation import evaluate
 
 
@@ -23,7 +23,7 @@ def test_evaluate_draws_a_progress_bar_over_the_prompts_when_asked(capsys):
 @pytest.mark.parametrize("flags, shown", [((), True), (("--no-progress",), False)])
 def test_eval_command_shows_a_bar_per_split_unless_told_not_to(monkeypatch, capsys, flags, shown):
     monkeypatch.setattr(command, "set_threads", lambda: None)
-    monkeypatch.setattr(report, "movq_psnr", lambda movq: 0.0)  # 200 autoencoder passes: not what is tested here
+    monkeypatch.setattr(evaluation, "movq_psnr", lambda movq: 0.0)  # 200 autoencoder passes: not what is tested here
     assert cli.main(["eval", "--num-prompts", "2", "--steps", "2", *flags]) == 0
     err = capsys.readouterr().err
     for split in ("seen", "heldout"):
