@@ -8,6 +8,7 @@ calls the Python API. The CLI only parses arguments, calls library functions and
     kandinsky3 img2img "prompt" --image in.png -o out.png [--strength 0.3] [...]
     kandinsky3 convert SRC DST [--variant base|flash|inpainting] [--dtype fp16|bf16|fp32] [--components ...]
     kandinsky3 train CONFIG.json [--resume] [--stage K] [section.key=value ...]
+    kandinsky3 finetune --model MODEL --data DIR --out FILE.safetensors [--rank 16] [--steps N] [--lr ...] [...]
     kandinsky3 eval [--model tiny] [--num-prompts 200] [--inpainting]
 
 Every image is a PNG carrying its generation parameters (AUTOMATIC1111's "parameters" text, :mod:`kandinsky3.png_info`),

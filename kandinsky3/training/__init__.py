@@ -1,6 +1,7 @@
 """Training: the MoVQ autoencoder and the U-Net (base and inpainting) trainers.
 
-Start reading at :mod:`.train_unet` or :mod:`.train_movq`: each is one run, top to bottom. What they
+Start reading at :mod:`.train_unet` or :mod:`.train_movq`: each is one run, top to bottom (and
+:mod:`.finetune`: a LoRA or every U-Net weight of an existing model, on your images). What they
 share, as plain imports:
 
 - :mod:`.config` — the run configs: nested frozen dataclasses, parsed once from JSON (``configs/*.json``);

@@ -56,7 +56,7 @@ from .distributed import (DistributedContext, barrier, cleanup_distributed, full
 from .ema import EMA
 from .image_datasets import ImageSource, training_images
 from .optim import autocast, build_optimizer, learning_rate, make_grad_scaler, optimizer_step, set_lr
-from .run_log import TrainingLog, due, prepare_out_dir
+from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, save_image_grid
 from .seeding import micro_slices
 from .train_unet import DiffusionModel, draw_step, load_trained_state, save_unet_checkpoint
@@ -70,8 +70,10 @@ LOG_FIELDS = ["loss", "grad_norm", "lr", "ms_per_step"]
 
 
 def finetune(config: FinetuneConfig, *, resume: bool = False, dataset: Dataset | None = None) -> Path:
-    """Run (or, with ``resume``, continue) a fine-tuning run; returns the LoRA file (or model folder) written.
-    ``dataset`` replaces the configured images (tests)."""
+    """Run (or, with ``resume``, continue) a fine-tuning run in a new ``run.out_dir`` (or, to resume, one with a
+    checkpoint: :func:`.run_log.check_run_folder`); returns the LoRA file (or model folder) written. ``dataset``
+    replaces the configured images (tests)."""
+    check_run_folder(Path(config.run.out_dir), resume)
     ctx = setup_distributed(config.run.device)
     try:
         out_dir = prepare_out_dir(config, ctx.is_main)
@@ -100,7 +102,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, dataset: Dataset |
                     sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6,
                     sum(p.numel() for p in unet.parameters()) / 1e6, len(data), ctx.device, ctx.world_size)
         # the loop
-        log = TrainingLog(out_dir / "log.csv", LOG_FIELDS, config.run.log_interval, step, ctx.is_main)
+        log = TrainingLog(out_dir / RUN_LOG, LOG_FIELDS, config.run.log_interval, step, ctx.is_main)
         raw.train()
         while step < config.schedule.max_steps:
             log.add(**train_step(config, ctx, step, data, movq, model, raw, optimizer, scaler, ema))
@@ -357,7 +359,7 @@ def export(config: FinetuneConfig, ctx: DistributedContext, raw: DiffusionModel,
             save_lora(path, raw.unet, raw.text_encoder, ADAPTER, spec=spec, base=identity,
                       trigger_words=config.lora.trigger_words, extra={"training": json.dumps(trained)})
         return path
-    folder = Path(config.lora.output or out_dir / "final")
+    folder = Path(config.lora.output or out_dir / EXPORT)
     state = full_state_dict(raw.unet)
     if ctx.is_main:
         size, samples = config.data.image_size, config.samples

@@ -30,7 +30,10 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "finetune", help="train a LoRA (or with --full every U-Net weight) on a folder of your images",
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Fine-tune an existing model on a folder of your images: a LoRA file (default) or, with --full, "
+                    "a model folder. Run files go to --run-dir. Several GPUs: torchrun --standalone "
+                    "--nproc_per_node=N -m kandinsky3.cli finetune ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the base: 'tiny', a checkpoint folder or a Hub repo id")
     parser.add_argument("--data", required=True, help="folder of images with captions.jsonl or captions.csv "
                                                       "(columns/keys 'file' and 'caption')")

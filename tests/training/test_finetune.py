@@ -120,6 +120,14 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_finetune_refuses_a_folder_holding_another_run(tmp_path):
+    config = config_for(tmp_path)
+    Path(config.run.out_dir).mkdir(parents=True)
+    (Path(config.run.out_dir) / "log.csv").write_text("step\n")
+    with pytest.raises(ValueError, match="holds a previous run"):
+        finetune(config)
+
+
 def test_full_finetuning_exports_a_model_folder(tmp_path):
     config = config_for(tmp_path, f"lora.output={tmp_path / 'model'}", rank=0, steps=1)
     folder = finetune(config)
