@@ -47,6 +47,7 @@ def assert_timed(cells: list[str], key) -> None:
     assert peak == "-", (key, cells)  # no CUDA peak on the CPU
 
 
+@pytest.mark.slow  # the whole benchmark script end to end in a subprocess: CI's second tier
 def test_tiny_run_times_every_row_for_ours_and_diffusers(tmp_path):
     pytest.importorskip("diffusers")
     stdout, rows = run_tiny(tmp_path)

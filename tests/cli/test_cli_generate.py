@@ -139,6 +139,7 @@ def test_inpaint_and_img2img_run_from_the_command_line(cli, tmp_path):
     assert parse_parameters(read_parameters(tmp_path / "i2i.png"))["Denoising strength"] == "0.5"
 
 
+@pytest.mark.slow  # streamed T5 and disk offload through the CLI: CI's second tier
 def test_low_memory_flags_give_the_same_image(cli, model, tmp_path):
     """--stream-t5 yes, --offload disk and --dtype/--compute-dtype reach the loaders; fp32 storage + streaming +
     reading the U-Net and MoVQ at their phases changes nothing."""
