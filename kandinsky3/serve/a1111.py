@@ -11,6 +11,9 @@ Conventions translated here:
   ``mask_blur``, ``inpainting_fill`` and ``resize_mode`` are ignored (the input is resized to width × height).
 - Unknown fields (``enable_hr``, ``restore_faces``, ``alwayson_scripts``, ``override_settings``, ...) are
   accepted and ignored.
+- LoRAs: ``GET /loras`` lists the files of ``--lora-dir`` that fit the served model (``name``, ``alias``, ``path``,
+  ``metadata``), ``POST /refresh-loras`` scans the folder again, and a prompt applies them with
+  ``<lora:name:scale>`` tags (:mod:`kandinsky3.serve.loras`); an unknown name is a 400 that lists the known ones.
 
 Samplers (A1111 name → ours; our own names are accepted too):
 
@@ -31,6 +34,7 @@ Any other name ("Euler a", "DPM++ 2M Karras", ...) is a 400 that lists these. ``
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -257,6 +261,19 @@ async def _nothing():
     return None
 
 
+@router.get("/loras")
+async def loras(request: Request):
+    return [entry.as_a1111() for entry in _service(request).engine.loras.entries()]
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(request: Request):
+    """Scan the LoRA folder again (every engine's view of it)."""
+    for engine in _service(request).engines:
+        await asyncio.to_thread(engine.loras.refresh)
+    return None
+
+
 @router.get("/embeddings")
 async def embeddings():
     return {"loaded": {}, "skipped": {}}
@@ -267,7 +284,7 @@ async def cmd_flags():
     return {}
 
 
-for _path in ("/upscalers", "/sd-vae", "/loras", "/prompt-styles", "/latent-upscale-modes", "/hypernetworks"):
+for _path in ("/upscalers", "/sd-vae", "/prompt-styles", "/latent-upscale-modes", "/hypernetworks"):
     router.add_api_route(_path, _empty_list, methods=["GET"])  # lists clients read; this server has none
-for _path in ("/refresh-checkpoints", "/refresh-vae", "/refresh-loras"):
+for _path in ("/refresh-checkpoints", "/refresh-vae"):
     router.add_api_route(_path, _nothing, methods=["POST"])  # one model, loaded once: nothing to refresh

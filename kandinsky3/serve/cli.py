@@ -3,6 +3,7 @@ uvicorn and the model are imported when the command runs.
 
     kandinsky3 serve --model tiny                        # http://127.0.0.1:7860/ (UI), /sdapi/v1, /v1
     kandinsky3 serve --device cuda:0,cuda:1 --queue-size 16 --api-key "$KEY" --host 0.0.0.0
+    kandinsky3 serve --lora-dir loras/                   # prompts may say <lora:FILE_STEM:0.8>
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["add_parser", "run"]
 
 API_KEY_VARIABLE = "KANDINSKY3_API_KEY"  # read when --api-key is not given (keeps the key out of `ps`)
+LORA_DIR_VARIABLE = "KANDINSKY3_LORA_DIR"  # read when --lora-dir is not given
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,6 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="where components wait between phases")
     load.add_argument("--no-inpainting", action="store_true", help="do not load the inpainting model")
     load.add_argument("--prompt-cache", type=int, default=64, help="encoded prompt batches kept (0: none)")
+    load.add_argument("--lora-dir", default=None, metavar="DIR",
+                      help=f"a folder of LoRA files (*.safetensors) that prompts name as <lora:FILE_STEM:SCALE>; "
+                           f"None: ${LORA_DIR_VARIABLE} if set, else no LoRAs")
     queue = parser.add_argument_group("queue and limits")
     queue.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 429 + Retry-After")
     queue.add_argument("--timeout", type=float, default=600.0,
@@ -79,8 +84,11 @@ def run(args: argparse.Namespace) -> int:
                           stream_t5={"auto": None, "yes": True, "no": False}[args.stream_t5],
                           offload={"auto": None, "no": False, "device": True, "disk": "disk"}[args.offload])
     devices = [device.strip() for device in args.device.split(",") if device.strip()]
+    lora_dir = args.lora_dir or os.environ.get(LORA_DIR_VARIABLE) or None
+    if lora_dir is not None and not os.path.isdir(lora_dir):  # before the model loads
+        raise UsageError(f"--lora-dir {lora_dir}: no such folder")
     engines = [Engine.load(args.model, device=device, options=options, inpainting=not args.no_inpainting,
-                           prompt_cache=args.prompt_cache) for device in devices]
+                           prompt_cache=args.prompt_cache, lora_dir=lora_dir) for device in devices]
     service = Service(engines, config)
     uvicorn_config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="info",
                                     timeout_graceful_shutdown=args.shutdown_grace + 10)

@@ -10,6 +10,12 @@ One model serves every task: img2img runs on the text-to-image pipeline's own mo
 takes the MoVQ and the T5 from it when its checkpoint holds the same weights (its U-Net and text projection are its
 own). Each text encoder caches its encoded prompts (:mod:`kandinsky3.serve.prompt_cache`).
 
+LoRAs (``lora_dir``, :mod:`kandinsky3.serve.loras`): a prompt names them with AUTOMATIC1111's ``<lora:name:scale>``
+tags. :meth:`Engine.prepare` takes the tags out of the prompt that is encoded (and out of the negative prompt,
+where they are ignored, as in A1111) and refuses unknown names before the job is queued; :meth:`Engine.run` sets
+the adapters to the request's before sampling. The PNG ``parameters`` keep the prompt as it was sent, tags
+included.
+
 Guidance is the library's w (ε = (w+1)·ε_cond − w·ε_uncond); the APIs translate their own conventions.
 """
 
@@ -26,11 +32,13 @@ from PIL import Image
 
 from ..diffusion import registry
 from ..errors import UsageError
+from ..lora import parse_prompt_loras
 from ..pipelines import Kandinsky3Img2ImgPipeline, LoadOptions, load_pipeline
 from ..pipelines.checks import GenerationRequest, size_multiple
 from ..png_info import format_parameters, png_bytes
 from ..weights import CheckpointError
 from .jobs import Job, JobInterrupted, SkipBatch
+from .loras import LoadedLoras, LoraLibrary, Tags
 from .prompt_cache import cache_prompts
 
 logger = logging.getLogger(__name__)
@@ -76,11 +84,13 @@ class ImageRequest:
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A request ready to run: as asked (``request``, its input image and mask at the output size) and one of its
-    batches as the pipeline checked it (``checked``: seed, sampler, steps, guidance and sizes resolved)."""
+    """A request ready to run: as asked (``request``, its input image and mask at the output size), one of its
+    batches as the pipeline checked it (``checked``: seed, sampler, steps, guidance and sizes resolved; the prompts
+    without their LoRA tags) and the LoRAs its prompt names (``loras``: ((name, scale), ...))."""
 
     request: ImageRequest
     checked: GenerationRequest
+    loras: Tags = ()
 
     @property
     def task(self) -> Task:
@@ -107,20 +117,33 @@ class ImageResult:
 
 class Engine:
     """The pipelines of one model on one device (see the module docstring). ``model_name`` names the model in
-    API answers and PNG metadata."""
+    API answers and PNG metadata; ``lora_dir`` holds the LoRA files requests may name (None: none)."""
 
-    def __init__(self, text_to_image, inpainting=None, *, model_name: str = "kandinsky3"):
+    def __init__(self, text_to_image, inpainting=None, *, model_name: str = "kandinsky3",
+                 lora_dir: str | Path | None = None):
         self.text_to_image = text_to_image
         self.img2img = _img2img_view(text_to_image)
         self.inpainting = inpainting
         self.model_name = model_name
         self.multiple = size_multiple(text_to_image.unet, text_to_image.movq)
+        pipes = {task: pipe for task, pipe in (("text-to-image", text_to_image), ("img2img", self.img2img),
+                                               ("inpainting", inpainting)) if pipe is not None}
+        if lora_dir is not None and any(pipe.residency.reload.keys() & {"unet", "text_encoder"}
+                                        for pipe in pipes.values()):
+            raise UsageError("--lora-dir needs the U-Net and the text encoder in memory; it does not go with "
+                             "--offload disk")
+        self.loras = LoraLibrary(lora_dir, {task: pipe.unet for task, pipe in pipes.items()})
+        shared = LoadedLoras(text_to_image, self.loras)  # img2img runs on the text-to-image modules
+        self.loaded_loras = {"text-to-image": shared, "img2img": shared}
+        if inpainting is not None:
+            self.loaded_loras["inpainting"] = LoadedLoras(inpainting, self.loras)
 
     @classmethod
     def load(cls, model: str | Path = "tiny", *, device: Any = "cpu", options: LoadOptions = LoadOptions(),
-             inpainting: bool = True, prompt_cache: int = 64) -> Engine:
+             inpainting: bool = True, prompt_cache: int = 64, lora_dir: str | Path | None = None) -> Engine:
         """Load ``model`` once on ``device``: the text-to-image pipeline and, unless ``inpainting`` is False or
-        the model has no inpainting weights, the inpainting one sharing what it can."""
+        the model has no inpainting weights, the inpainting one sharing what it can; ``lora_dir`` is scanned for
+        LoRA files."""
         base = load_pipeline("text-to-image", model, device=device, options=options)
         inpaint = None
         if inpainting:
@@ -134,7 +157,7 @@ class Engine:
             if pipe is not None:
                 cache_prompts(pipe.text_encoder, prompt_cache)
         name = "kandinsky3-" + (str(model) if str(model) == "tiny" else Path(str(model)).name)
-        return cls(base, inpaint, model_name=name)
+        return cls(base, inpaint, model_name=name, lora_dir=lora_dir)
 
     def pipeline(self, task: Task):
         if task == "inpainting":
@@ -158,10 +181,17 @@ class Engine:
     def prepare(self, request: ImageRequest, limits: Limits = Limits()) -> PreparedRequest:
         """``request`` checked against the server's ``limits`` and by the pipeline's own check
         (:func:`~kandinsky3.pipelines.checks.check_generation`), every default resolved so that it reproduces
-        exactly; a UsageError names what is wrong."""
+        exactly; a UsageError names what is wrong (an unknown LoRA in the prompt too)."""
         pipe = self.pipeline(request.task)
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise UsageError("prompt must be a non-empty string")
+        prompt, tags = _without_tags(request.prompt)
+        if not prompt:
+            raise UsageError("prompt must hold more than <lora:…> tags")
+        loras = self.loras.check(tags, request.task)
+        negative = request.negative_prompt
+        if isinstance(negative, str):  # A1111 reads LoRA tags in the prompt only
+            negative = _without_tags(negative)[0] or None
         count = request.batch_size * request.n_iter
         if request.batch_size < 1 or request.n_iter < 1 or count > limits.max_images:
             raise UsageError(f"a request makes 1 to {limits.max_images} images; got {request.batch_size} × "
@@ -171,7 +201,7 @@ class Engine:
             if side is not None and not 0 < side <= limits.max_side:
                 raise UsageError(f"{name} must be in [1, {limits.max_side}] pixels, got {side}")
         request = self._inputs_at_output_size(request)
-        arguments = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+        arguments = dict(prompt=prompt, negative_prompt=negative, steps=request.steps,
                          guidance_scale=request.guidance_scale, sampler=request.sampler, eta=request.eta,
                          seed=request.seed, num_images_per_prompt=request.batch_size, progress=False)
         if request.task == "text-to-image":
@@ -186,7 +216,7 @@ class Engine:
         if max(checked.width, checked.height) > limits.max_side:
             raise UsageError(f"{checked.width}x{checked.height} is over this server's limit of {limits.max_side} "
                              "pixels a side")
-        return PreparedRequest(request, checked)
+        return PreparedRequest(request, checked, loras)
 
     @staticmethod
     def _inputs_at_output_size(request: ImageRequest) -> ImageRequest:
@@ -212,9 +242,11 @@ class Engine:
 
     def run(self, job: Job) -> ImageResult:
         """Run ``job.request`` (a :class:`PreparedRequest`): ``n_iter`` batches with progress after every sampler
-        step and ``job.checkpoint()`` between steps (skip drops a batch; interrupt keeps the finished ones)."""
+        step and ``job.checkpoint()`` between steps (skip drops a batch; interrupt keeps the finished ones). The
+        adapters are set to the request's LoRAs first (none named: all at scale 0)."""
         prepared: PreparedRequest = job.request
         pipe, checked, n_iter = self.pipeline(prepared.task), prepared.checked, prepared.request.n_iter
+        self.loaded_loras[prepared.task].apply(prepared.loras)
         per_batch, count = len(checked.plan.timesteps), checked.num_images
         images, seeds = [], []
         for batch in range(n_iter):
@@ -247,6 +279,12 @@ class Engine:
         return format_parameters(prepared.request.prompt, prepared.request.negative_prompt or "",
                                  steps=checked.steps, sampler=checked.sampler, guidance_scale=checked.guidance_scale,
                                  seed=seed, width=width, height=height, model=self.model_name, **extra)
+
+
+def _without_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """``prompt`` without its ``<lora:name:scale>`` tags, and the tags; a prompt without tags stays as it is."""
+    cleaned, tags = parse_prompt_loras(prompt)
+    return (cleaned, tags) if tags else (prompt, tags)
 
 
 def _img2img_view(base) -> Kandinsky3Img2ImgPipeline:

@@ -9,6 +9,7 @@ from kandinsky3.cli import main
     (["--queue-size", "0"], "--queue-size must be >= 1"),
     (["--max-side", "0"], "--max-side must be >= 1"),
     (["--device", "tpu"], "device 'tpu'"),
+    (["--lora-dir", "/no/such/folder"], "--lora-dir /no/such/folder: no such folder"),
 ])
 def test_bad_serve_flags_end_in_one_line_and_status_2(capsys, flags, reason):
     assert main(["serve", "--model", "tiny", "--no-ui", *flags]) == 2
@@ -20,5 +21,5 @@ def test_serve_help_lists_the_server_flags(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--api-key", "--queue-size", "--timeout", "--max-side", "--max-body-mb", "--device"):
+    for flag in ("--api-key", "--queue-size", "--timeout", "--max-side", "--max-body-mb", "--device", "--lora-dir"):
         assert flag in text
