@@ -1,8 +1,10 @@
 """Run configs of the two trainers: nested frozen dataclasses, parsed once from JSON.
 
-A config file holds one object per section, and every key of every section must be present: loading
-names each unknown and each missing key (as ``section.key``), so a file describes its run completely
-and a later change of a default never changes what an old file means. The trainer is named by
+A config file holds one object per section, and every key of every section must be present, except the
+few added after the first configs were written: those have a default that is the behaviour from before
+they existed and never changes (``schedule.lr_decay``, ``schedule.min_lr_ratio``, the U-Net run's ``loss``
+section). Loading names each unknown and each missing key (as ``section.key``), so a file describes its
+run completely and a later change never changes what an old file means. The trainer is named by
 ``"trainer"``::
 
     {"trainer": "unet", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
@@ -46,6 +48,7 @@ __all__ = [
     "TextConfig",
     "SamplesConfig",
     "MoVQLossConfig",
+    "DiffusionLossConfig",
     "DiscriminatorConfig",
     "UNetTrainConfig",
     "MoVQTrainConfig",
@@ -164,11 +167,16 @@ class ScheduleConfig:
     max_steps: int  # optimizer steps of the whole run
     batch_size: int  # global batch per optimizer step (all processes and micro-steps together)
     grad_accum: int  # accumulation micro-steps per optimizer step, per process
-    warmup_steps: int  # linear learning-rate warm-up from 0 (optim.learning_rate), then constant
+    warmup_steps: int  # linear learning-rate warm-up from 0 (optim.learning_rate)
+    lr_decay: str = "constant"  # after the warm-up: "constant", or "cosine" down to min_lr_ratio·lr at max_steps
+    min_lr_ratio: float = 0.1  # the cosine decay's final fraction of optim.lr
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "max_steps", "batch_size", "grad_accum")
         _at_least(self, 0, "warmup_steps")
+        _choice("schedule.lr_decay", self.lr_decay, ("constant", "cosine"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"schedule.batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
 
@@ -242,6 +250,19 @@ class SamplesConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DiffusionLossConfig:
+    """How the U-Net run weighs each sample's ε-MSE by its timestep."""
+
+    # Min-SNR-γ (Hang et al. 2023): weight min(SNR_t, γ) / SNR_t, which damps the nearly noise-free timesteps
+    # whose gradients conflict with the rest; 0 = every timestep weighs 1 (plain ε-MSE)
+    min_snr_gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"loss.min_snr_gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MoVQLossConfig:
     """Weights of the reconstruction terms: l1·|x̂ − x| + mse·(x̂ − x)² + codebook·VQ."""
 
@@ -292,6 +313,7 @@ class UNetTrainConfig(TrainConfig):
     model: UNetModelConfig
     text: TextConfig
     samples: SamplesConfig
+    loss: DiffusionLossConfig = DiffusionLossConfig()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -397,11 +419,13 @@ def _parse_section(cls: type, data: Any, where: str) -> Any:
         raise ValueError(f"{where or 'config'} must be a JSON object, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown, missing = sorted(set(data) - set(names)), [n for n in names if n not in data]
+    optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    unknown = sorted(set(data) - set(names))
+    missing = [n for n in names if n not in data and n not in optional]
     if unknown or missing:
         raise ValueError(f"{cls.__name__}: unknown keys {[where + k for k in unknown]}, missing keys "
                          f"{[where + k for k in missing]}; the keys are {names}")
-    return cls(**{name: _parse_value(hints[name], data[name], where + name) for name in names})
+    return cls(**{name: _parse_value(hints[name], data[name], where + name) for name in names if name in data})
 
 
 def _parse_value(hint: Any, value: Any, where: str) -> Any:

@@ -55,7 +55,7 @@ from .distributed import (DistributedContext, barrier, cleanup_distributed, full
                           no_sync, setup_distributed, wrap_model)
 from .ema import EMA
 from .image_datasets import ImageSource, training_images
-from .optim import autocast, build_optimizer, learning_rate, make_grad_scaler, optimizer_step, set_lr
+from .optim import autocast, build_optimizer, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
 from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, save_image_grid
 from .seeding import micro_slices
@@ -304,7 +304,7 @@ def train_step(config: FinetuneConfig, ctx: DistributedContext, step: int, data:
                scaler: torch.amp.GradScaler, ema: EMA | None) -> dict[str, torch.Tensor | None]:
     """Optimizer step ``step`` over this process's slices of the global batch, then the EMA update; returns the
     step's mean loss and the gradient norm before clipping."""
-    set_lr(optimizer, learning_rate(step, config.optim.lr, config.schedule.warmup_steps))
+    set_lr(optimizer, scheduled_lr(step, config.optim.lr, config.schedule))
     draws = draw_step(config, step, len(data), movq, ctx.device)
     slices = micro_slices(config.schedule.batch_size, ctx.rank, ctx.world_size, config.schedule.grad_accum)
     losses = []

@@ -44,7 +44,7 @@ from .distributed import (DistributedContext, all_gather_cat, barrier, cleanup_d
 from .ema import EMA
 from .image_datasets import ImageSource, training_images
 from .losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss, psnr, reconstruction_losses
-from .optim import autocast, build_optimizer, learning_rate, make_grad_scaler, optimizer_step, set_lr
+from .optim import autocast, build_optimizer, learning_rate, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
 from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, movq_samples, save_image_grid
 from .seeding import global_batch_indices, micro_slices, step_generator
@@ -95,7 +95,7 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
         log = TrainingLog(out_dir / RUN_LOG, LOG_FIELDS, config.run.log_interval, step, ctx.is_main)
         _train_mode(movq)
         while step < config.schedule.max_steps:
-            set_lr(optimizer, learning_rate(step, optim.lr, config.schedule.warmup_steps))
+            set_lr(optimizer, scheduled_lr(step, optim.lr, config.schedule))
             gan = disc if disc is not None and step >= config.disc.start else None
             reals, fakes, latents = autoencoder_backward(config, ctx, step, images, movq, model, scaler, gan, log)
             optimizer_step(optimizer, scaler, movq.parameters(), optim.grad_clip)

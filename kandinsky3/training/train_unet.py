@@ -20,8 +20,9 @@ from ``seeding.step_generator(seed, s)``, each process then taking its slice:
    classifier-free guidance. Every sample gets the context the pipeline gives its prompt alone, by
    the same function (:func:`kandinsky3.conditioning.training_conditions`), so training matches
    inference and no sample depends on the others in its batch (or on the number of processes).
-4. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε on the 1000-step cosine schedule; loss = mean (ε − ε̂)²,
-   ε̂ = U-Net(x_t, t, context).
+4. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε on the 1000-step cosine schedule; loss = mean over samples of
+   w_t·mean (ε − ε̂)², ε̂ = U-Net(x_t, t, context), w_t = 1 or Min-SNR-γ's min(SNR_t, γ)/SNR_t
+   (``loss.min_snr_gamma``).
 
 Inpainting (``model.mode="inpainting"``): the U-Net input is cat[x_t, keep, masked latent]
 (9 channels, architecture §2.9) built by the inference pipeline's function
@@ -69,14 +70,14 @@ from .ema import EMA
 from .image_datasets import ImageSource, MaterializedImages, training_images
 from .initial_models import initial_models
 from .inpainting_masks import random_masks
-from .optim import autocast, build_optimizer, learning_rate, make_grad_scaler, optimizer_step, set_lr
+from .optim import autocast, build_optimizer, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
 from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, save_image_grid, unet_samples
 from .seeding import global_batch_indices, micro_slices, sample_generator, step_generator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_unet", "DiffusionModel"]
+__all__ = ["train_unet", "DiffusionModel", "min_snr_weights"]
 
 LOG_FIELDS = ["loss", "grad_norm", "lr", "ms_per_step"]
 
@@ -87,10 +88,12 @@ class DiffusionModel(nn.Module):
     ``forward`` returns the mean ε-MSE of a micro-batch; all randomness comes in as tensors.
     """
 
-    def __init__(self, unet: UNet, text_encoder: TextEncoder, style: str = "original"):
+    def __init__(self, unet: UNet, text_encoder: TextEncoder, style: str = "original", min_snr_gamma: float = 0.0):
         super().__init__()
         self.unet, self.text_encoder, self.style = unet, text_encoder, style  # style: conditioning.CONDITIONING_STYLES
-        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(), persistent=False)
+        alphas_cumprod = cosine_alphas_cumprod()
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        self.register_buffer("loss_weights", min_snr_weights(alphas_cumprod, min_snr_gamma), persistent=False)
 
     def forward(
         self, x0: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, t: torch.Tensor,
@@ -103,7 +106,17 @@ class DiffusionModel(nn.Module):
         x_t = q_sample(x0, noise, t, self.alphas_cumprod)  # (b,4,h,w)
         unet_input = x_t if extra is None else torch.cat([x_t, extra], dim=1)  # (b,4 or 9,h,w)
         eps = self.unet(unet_input, t, context, mask)
-        return F.mse_loss(eps.float(), noise.float())
+        per_sample = (eps.float() - noise.float()).square().mean(dim=(1, 2, 3))  # (b,)
+        return (per_sample * self.loss_weights[t]).mean()
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(T,) loss weight of each timestep for ε-prediction: min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 − ᾱ_t)
+    (Min-SNR-γ, Hang et al. 2023); all ones for γ = 0."""
+    if gamma <= 0:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Dataset | None = None) -> Path:
@@ -120,7 +133,7 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
         captions = images.all_captions()
         # model: text encoder and U-Net (the same fresh weights on every rank, or init_unet), then the checkpoint
         unet, text_encoder = initial_models(config, captions, out_dir, ctx.is_main)
-        raw = DiffusionModel(unet, text_encoder).to(ctx.device)
+        raw = DiffusionModel(unet, text_encoder, min_snr_gamma=config.loss.min_snr_gamma).to(ctx.device)
         data = prepare_training_set(config, ctx, images, captions, raw.text_encoder, movq)
         state = read_checkpoint(out_dir, config) if resume else None
         if state is not None:
@@ -141,7 +154,7 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
         schedule = config.schedule
         raw.train()
         while step < schedule.max_steps:
-            set_lr(optimizer, learning_rate(step, optim.lr, schedule.warmup_steps))
+            set_lr(optimizer, scheduled_lr(step, optim.lr, schedule))
             draws = draw_step(config, step, len(data), movq, ctx.device)
             slices = micro_slices(schedule.batch_size, ctx.rank, ctx.world_size, schedule.grad_accum)
             for micro, part in enumerate(slices):

@@ -18,7 +18,7 @@ from kandinsky3.training.caption_tokenizer import train_caption_tokenizer
 from kandinsky3.training.config import (MoVQTrainConfig, UNetTrainConfig, apply_overrides, config_to_dict,
                                         load_config, load_run_configs, parse_config, recipe_stages, save_config)
 from kandinsky3.training.ema import EMA, ema_decay_at
-from kandinsky3.training.optim import Lion, build_optimizer, learning_rate
+from kandinsky3.training.optim import Lion, build_optimizer, learning_rate, scheduled_lr
 from kandinsky3.weights.t5 import load_t5_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -170,6 +170,52 @@ def test_tokenizer_round_trips_captions_and_appends_eos(tmp_path):
 def test_learning_rate_warmup_is_a_pure_function_of_the_step():
     assert [learning_rate(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert learning_rate(0, 2e-4, 0) == 2e-4
+
+
+def test_cosine_decay_runs_from_the_peak_to_the_floor_at_the_last_step(tmp_path):
+    rates = [learning_rate(s, 1.0, 4, decay="cosine", max_steps=14, min_ratio=0.1) for s in range(16)]
+    assert rates[:4] == [0.25, 0.5, 0.75, 1.0]  # the warm-up is unchanged
+    assert all(a > b for a, b in zip(rates[4:14], rates[5:15]))  # strictly falling after it
+    assert rates[9] == pytest.approx(0.55) and rates[14] == rates[15] == pytest.approx(0.1)
+    schedule = unet_config(tmp_path, tmp_path, "schedule.max_steps=14", "schedule.warmup_steps=4",
+                           "schedule.lr_decay=cosine", "schedule.min_lr_ratio=0.1").schedule
+    assert [scheduled_lr(s, 1.0, schedule) for s in range(16)] == rates
+    with pytest.raises(ValueError, match="schedule.lr_decay must be one of"):
+        unet_config(tmp_path, tmp_path, "schedule.lr_decay=linear")
+
+
+def test_keys_added_later_may_be_left_out_and_then_mean_what_they_meant_before(tmp_path):
+    """schedule.lr_decay / min_lr_ratio and the U-Net run's loss section came after the first configs: a file
+    without them is the constant-lr, plain-MSE run it always was; a saved config writes them out."""
+    data = config_to_dict(unet_config(tmp_path, tmp_path))
+    for section, key in (("schedule", "lr_decay"), ("schedule", "min_lr_ratio")):
+        del data[section][key]
+    del data["loss"]
+    config = parse_config(data)
+    assert config.schedule.lr_decay == "constant" and config.loss.min_snr_gamma == 0.0
+    assert config_to_dict(config)["loss"] == {"min_snr_gamma": 0.0}
+    with pytest.raises(ValueError, match=r"missing keys \['schedule.max_steps'\]"):  # required keys stay required
+        del data["schedule"]["max_steps"]
+        parse_config(data)
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_reference_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    ours = build_optimizer("adamw", model.named_parameters(), 1e-2, (0.9, 0.99), 0.1)
+    assert ours.defaults["fused"]
+    plain = torch.optim.AdamW([{"params": [reference[0], reference[4]], "weight_decay": 0.1},
+                               {"params": [reference[1], reference[2], reference[3], reference[5]], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.99), foreach=False)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in reference]
+        for p, q, g in zip(model.parameters(), reference, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        plain.step()
+    for p, q in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_lion_step_matches_the_paper_update():

@@ -90,7 +90,7 @@ def test_cfg_dropout_trains_the_null_embedding():
     assert model.text_encoder.null_embedding.grad.abs().sum() == 0
 
 
-@pytest.mark.parametrize("mode", ["base", "inpainting"])
+@pytest.mark.parametrize("mode", ["base", "inpainting", "min-snr-cosine"])
 def test_unet_resume_continues_exactly(tmp_path, mode):
     """4 uninterrupted steps == 2 steps, checkpoint, new objects, resume, 2 steps: trained weights, EMA and
     optimizer state agree to 1e-6 (deterministic CPU kernels: measured exactly 0). Inpainting starts from
@@ -103,6 +103,8 @@ def test_unet_resume_continues_exactly(tmp_path, mode):
         extra = ["model.mode=inpainting", "model.unet.num_channels=9", f"model.init_unet={final}",
                  f"text.encoder_path={final}", "text.t5_config={}", "text.train_t5=false", "optim.name=lion",
                  "optim.lr=1e-4"]
+    if mode == "min-snr-cosine":  # the lr and the loss weights are pure functions of the step and the draws
+        extra = ["loss.min_snr_gamma=5", "schedule.lr_decay=cosine", "schedule.warmup_steps=1"]
     # the uninterrupted run also writes a sample grid (EMA weights swapped in and out): training must not notice
     train_unet(unet_config(tmp_path / "straight", movq, "run.sample_interval=3", *extra), dataset=dataset())
     assert (tmp_path / "straight" / "samples" / "step_000003.png").is_file()
@@ -115,7 +117,7 @@ def test_unet_resume_continues_exactly(tmp_path, mode):
     worst, where = max_difference({k: a[k] for k in ("model", "ema", "optimizer")},
                                   {k: b[k] for k in ("model", "ema", "optimizer")})
     assert worst <= 1e-6, (where, worst)
-    assert ("text_encoder.t5.shared.weight" in a["model"]) == (mode == "base")  # a frozen T5 is not saved
+    assert ("text_encoder.t5.shared.weight" in a["model"]) == (mode != "inpainting")  # a frozen T5 is not saved
 
 
 def test_export_is_a_native_model_folder_with_the_training_size(tmp_path):
@@ -137,3 +139,29 @@ def test_export_is_a_native_model_folder_with_the_training_size(tmp_path):
     pipe = Kandinsky3Pipeline(components.unet, components.movq, components.text_encoder)
     images = pipe("a red circle", width=32, height=32, steps=2, seed=0, output_type="pt", progress=False)
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_min_snr_weights_damp_the_low_noise_steps_and_gamma_0_is_the_plain_mse():
+    from kandinsky3.diffusion.schedule import cosine_alphas_cumprod
+    from kandinsky3.training.train_unet import DiffusionModel, min_snr_weights
+
+    alphas = cosine_alphas_cumprod()
+    weights = min_snr_weights(alphas, 5.0)
+    snr = alphas / (1 - alphas)
+    assert torch.equal(weights[snr <= 5], torch.ones(int((snr <= 5).sum())))  # noisy steps: weight 1
+    torch.testing.assert_close(weights[snr > 5], 5 / snr[snr > 5])
+    assert weights[0] < 1e-3 and torch.all(weights[1:] >= weights[:-1])  # rising with the noise
+    assert torch.equal(min_snr_weights(alphas, 0.0), torch.ones_like(alphas))
+    # the loss: the weighted mean of the per-sample MSEs; with γ = 0 the batch's mean ε-MSE
+    plain, damped = _model(), _model()
+    damped.loss_weights = min_snr_weights(alphas, 5.0)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    ids, mask = torch.tensor([[5, 6, 1]] * 3), torch.ones(3, 3, dtype=torch.long)
+    t, drop = torch.tensor([0, 300, 999]), torch.zeros(3, dtype=torch.bool)
+    with torch.no_grad():
+        loss = plain(x0, ids, mask, t, noise, drop)
+        eps = [plain(x0[i:i + 1], ids[i:i + 1], mask[i:i + 1], t[i:i + 1], noise[i:i + 1], drop[i:i + 1])
+               for i in range(3)]
+        torch.testing.assert_close(loss, torch.stack(eps).mean())
+        torch.testing.assert_close(damped(x0, ids, mask, t, noise, drop),
+                                   (torch.stack(eps) * min_snr_weights(alphas, 5.0)[t]).mean())
