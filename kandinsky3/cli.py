@@ -455,8 +455,9 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     if args.inpainting:
         inpaint = load_pipeline("inpainting", args.model, device="cpu", options=fp32)
-        results["inpainting"] = evaluation.evaluate_inpainting(inpaint, args.num_prompts, seed=args.seed,
-                                                           steps=args.steps, progress=progress)
+        for key, paste_back in (("inpainting", True), ("inpainting_before_paste_back", False)):
+            results[key] = evaluation.evaluate_inpainting(inpaint, args.num_prompts, seed=args.seed, steps=args.steps,
+                                                          progress=progress, paste_back=paste_back)
     print(json.dumps(results, indent=2))
     print(f"evaluated in {time.perf_counter() - start:.1f} s")
     return 0

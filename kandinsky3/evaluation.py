@@ -385,8 +385,9 @@ def inpainting_score(prompt: str, image, generated, mask, tolerance: float = 0.0
 def evaluate_text_to_image(pipe, num_prompts: int = 200, *, seed: int = 0, batch_size: int = 25,
                            progress: bool = False, **call_kwargs: Any) -> dict[str, dict]:
     """{"seen": report, "heldout": report}; each report has colour_shape, position, count, … accuracies.
-    ``progress``: a progress bar per split (on stderr)."""
-    width = height = call_kwargs.pop("image_size", 64)
+    ``image_size``: the side in pixels (default: the model's own size); ``progress``: a progress bar per split (on
+    stderr)."""
+    width = height = call_kwargs.pop("image_size", None) or pipe.sampling_defaults.width
 
     def generate(prompts: list[str], batch_seed: int) -> list[Image.Image]:
         return pipe(prompts, width=width, height=height, seed=batch_seed * 1000, progress=False, **call_kwargs)
@@ -400,9 +401,10 @@ def evaluate_text_to_image(pipe, num_prompts: int = 200, *, seed: int = 0, batch
     return reports
 
 
-def movq_psnr(movq: torch.nn.Module, num_images: int = 200, *, image_size: int = 64, seed: int = 4321) -> float:
-    """Mean PSNR (dB, images in [0, 1]) of encode→decode on evaluation images (not the training seed)."""
-    data = ShapesDataset(num_images, image_size=image_size, seed=seed, split="seen")
+def movq_psnr(movq: torch.nn.Module, num_images: int = 200, *, image_size: int | None = None, seed: int = 4321) -> float:
+    """Mean PSNR (dB, images in [0, 1]) of encode→decode on evaluation images (not the training seed) of
+    ``image_size`` pixels (default: the MoVQ's training resolution)."""
+    data = ShapesDataset(num_images, image_size=image_size or movq.config.resolution, seed=seed, split="seen")
     images = torch.stack([data[i][0] for i in range(len(data))])  # (N, 3, H, W) in [-1, 1]
     device, dtype = next(movq.parameters()).device, compute_dtype(movq)
     scores = []
@@ -426,10 +428,11 @@ def _inpainting_case(caption: str, scene: Scene, image_size: int) -> tuple[str, 
     return caption, image, mask
 
 
-def evaluate_inpainting(pipe, num_prompts: int = 200, *, image_size: int = 64, seed: int = 0,
+def evaluate_inpainting(pipe, num_prompts: int = 200, *, image_size: int | None = None, seed: int = 0,
                         progress: bool = False, **call_kwargs: Any) -> dict[str, float]:
-    """Object-in-mask rate and unchanged-outside rate over one-object evaluation scenes; ``progress``: a
-    progress bar (on stderr)."""
+    """Object-in-mask rate and unchanged-outside rate over one-object evaluation scenes of ``image_size`` pixels
+    (default: the model's size); ``progress``: a progress bar (on stderr)."""
+    image_size = image_size or pipe.sampling_defaults.width
     cases = []
     candidates = eval_prompts(4 * num_prompts, "seen", seed=2024)
     for caption, scene in candidates:

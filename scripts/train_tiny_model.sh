@@ -4,11 +4,13 @@
 #   bash scripts/train_tiny_model.sh [OUT]      # OUT defaults to kandinsky3/assets/tiny
 #
 # Three resumable stages (run the script again after an interruption: each stage continues from its last
-# checkpoint, a finished stage is skipped): MoVQ, then U-Net + T5 text encoder, then the inpainting U-Net.
-# Measured on a 2-core CPU: ~27 + ~100 + ~6 minutes. Fixed seeds: the same command gives the same model.
+# checkpoint, a finished stage is skipped): MoVQ (128 px, 8x), then U-Net + T5 text encoder, then the inpainting
+# U-Net. Each stage uses both cores as two threads of one process (benchmarks/README.md, "Training step": more
+# threads or ranks than cores stall). Fixed seeds: the same command on the same machine gives the same model.
+# Run folders are runs/small_movq, runs/small_unet, runs/small_inpainting (not in git).
 set -euo pipefail
 OUT="${1:-kandinsky3/assets/tiny}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # the configs use one thread; more processes than cores stall
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 for stage in small_movq small_unet small_inpainting; do
   resume=""
