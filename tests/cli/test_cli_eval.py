@@ -28,3 +28,17 @@ def test_eval_command_shows_a_bar_per_split_unless_told_not_to(monkeypatch, caps
     err = capsys.readouterr().err
     for split in ("seen", "heldout"):
         assert (f"text-to-image, {split} prompts" in err and "2/2" in err) == shown, err
+
+
+def test_eval_inpainting_reports_the_drift_before_paste_back_too(monkeypatch, capsys):
+    """With paste-back the kept pixels are the input's (drift 0); the second report is the network's own output
+    there, which is what shows whether the inpainting U-Net reads its kept-image channels."""
+    import json
+
+    monkeypatch.setattr(command, "set_threads", lambda: None)
+    monkeypatch.setattr(evaluation, "movq_psnr", lambda movq: 0.0)
+    assert cli.main(["eval", "--num-prompts", "2", "--steps", "2", "--inpainting", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[:out.rindex("}") + 1])
+    assert report["inpainting"]["outside_mad"] == 0.0 and report["inpainting"]["num_prompts"] == 2
+    assert report["inpainting_before_paste_back"]["outside_mad"] > 0.0
