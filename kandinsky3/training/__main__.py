@@ -69,5 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m kandinsky3.training (torchrun too) = kandinsky3 train: errors as one line
+    from ..cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

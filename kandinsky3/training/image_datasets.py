@@ -91,7 +91,10 @@ def _read_captions(root: Path) -> list[tuple[str, str]]:
         for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{jsonl}:{number}: not valid JSON ({error.msg}): {line[:80]!r}") from None
             if not isinstance(record, dict) or "file" not in record or "caption" not in record:
                 raise ValueError(f"{jsonl}:{number}: expected {{\"file\": ..., \"caption\": ...}}, got {line[:80]!r}")
             items.append((str(record["file"]), str(record["caption"])))

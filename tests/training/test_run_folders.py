@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,21 @@ def test_the_command_refuses_an_earlier_run_in_one_line_before_writing(tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --resume" in err and "run.out_dir" in err
     assert _snapshot(out) == before
+
+
+def test_python_m_kandinsky3_training_refuses_an_earlier_run_in_one_line_too(tmp_path):
+    """The module entry point (what torchrun runs) goes through the same guard as ``kandinsky3 train``."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.csv").write_text("step,loss\n1,0.5\n")
+    done = subprocess.run([sys.executable, "-m", "kandinsky3.training", str(_config_file(tmp_path, out))],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "pass --resume" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_resume_without_a_checkpoint_is_an_error_that_writes_nothing(tmp_path, capsys, monkeypatch):

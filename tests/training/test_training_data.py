@@ -51,6 +51,9 @@ def test_folder_dataset_reads_csv_and_names_missing_files(tmp_path):
     (tmp_path / "captions.csv").unlink()
     with pytest.raises(FileNotFoundError, match="captions.jsonl nor captions.csv"):
         FolderDataset(tmp_path, 8)
+    (tmp_path / "captions.jsonl").write_text('{"file": "a.png", "caption": "ok"}\n{"file": "a.png", caption: x}\n')
+    with pytest.raises(ValueError, match=r"captions.jsonl:2: not valid JSON"):  # the file and the line
+        FolderDataset(tmp_path, 8)
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_step():
