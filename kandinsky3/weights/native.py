@@ -383,12 +383,36 @@ def _foreign_entries(folder: Path) -> list[str]:
     return sorted(foreign)
 
 
+def _remove_stale_staging(folder: Path) -> None:
+    """Delete the ``.NAME.partial-PID-*`` staging folders of writes to ``folder`` whose process no longer runs (one
+    killed mid-write, e.g. by SIGKILL, could not clean up). Only this writer's own half-written folders match; a
+    ``.NAME.previous-*`` folder (a model moved aside when its process died) is left for the user, with a warning."""
+    for stale in sorted(folder.parent.glob(f".{folder.name}.partial-*")):
+        pid = stale.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if stale.is_dir() and not stale.is_symlink() and pid.isdigit() and not _process_alive(int(pid)):
+            logger.info("removing %s, left by an interrupted write (process %s has ended)", stale, pid)
+            shutil.rmtree(stale, ignore_errors=True)
+    for moved in folder.parent.glob(f".{folder.name}.previous-*"):
+        logger.warning("%s holds a model moved aside by an interrupted write; it is left as it is", moved)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _staging(folder: Path, overwrite: bool) -> Iterator[Path]:
     """A new folder beside ``folder`` to write into. On success it takes ``folder``'s place (a previous ``folder``,
     checked again by :func:`check_destination`, is moved aside first and deleted last); on error it is removed and
     ``folder`` is left as it was."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(folder)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging = folder.with_name(f".{folder.name}.partial-{tag}")
     staging.mkdir()

@@ -8,6 +8,7 @@ _checkpoints (identical in practice).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -192,6 +193,25 @@ def test_a_failed_write_leaves_the_destination_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="bad conditioning"):
         write_native_folder(tmp_path / "new", movq=make_movq(), conditioning="sd")
     assert not (tmp_path / "new").exists()
+
+
+def test_staging_folders_of_killed_writes_are_removed_by_the_next_write(tmp_path):
+    """A write killed before it could clean up (SIGKILL) leaves ``.NAME.partial-PID-*``; the next write to NAME
+    removes it once that process has ended, and keeps a live process's folder and anything else."""
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)  # a process that has exited
+    stale = tmp_path / f".model.partial-{dead_pid}-0123abcd"
+    live = tmp_path / f".model.partial-{os.getpid()}-feedbeef"  # a write in progress (this process)
+    other = tmp_path / f".other.partial-{dead_pid}-0123abcd"  # another destination's
+    for folder in (stale, live, other):
+        (folder / "movq").mkdir(parents=True)
+        (folder / "movq" / "model.safetensors").write_bytes(b"half")
+    write_native_folder(tmp_path / "model", movq=make_movq(seed=1))
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "model"])
 
 
 def test_every_file_the_writer_writes_is_its_own_to_replace(native, tmp_path):
