@@ -435,6 +435,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, help="w; None = the model's default")
     parser.add_argument("--inpainting", action="store_true", help="also evaluate the inpainting variant")
     parser.add_argument("--seed", type=int, default=0, help="base seed")
+    parser.add_argument("--prompt-seed", type=int, default=1234,
+                        help="which evaluation prompts; tune settings on another than the one you report")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(run=run_eval)
 
@@ -450,7 +452,7 @@ def run_eval(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     results = {
         "text_to_image": evaluation.evaluate_text_to_image(pipe, args.num_prompts, seed=args.seed, progress=progress,
-                                                       **options),
+                                                       prompt_seed=args.prompt_seed, **options),
         "movq_psnr": evaluation.movq_psnr(pipe.movq),
     }
     if args.inpainting:

@@ -383,10 +383,11 @@ def inpainting_score(prompt: str, image, generated, mask, tolerance: float = 0.0
 
 
 def evaluate_text_to_image(pipe, num_prompts: int = 200, *, seed: int = 0, batch_size: int = 25,
-                           progress: bool = False, **call_kwargs: Any) -> dict[str, dict]:
+                           progress: bool = False, prompt_seed: int = 1234, **call_kwargs: Any) -> dict[str, dict]:
     """{"seen": report, "heldout": report}; each report has colour_shape, position, count, … accuracies.
-    ``image_size``: the side in pixels (default: the model's own size); ``progress``: a progress bar per split (on
-    stderr)."""
+    ``image_size``: the side in pixels (default: the model's own size); ``prompt_seed``: which prompts
+    (:func:`~kandinsky3.data.shapes.eval_prompts`; tune settings on another seed than the reported one);
+    ``progress``: a progress bar per split (on stderr)."""
     width = height = call_kwargs.pop("image_size", None) or pipe.sampling_defaults.width
 
     def generate(prompts: list[str], batch_seed: int) -> list[Image.Image]:
@@ -394,14 +395,16 @@ def evaluate_text_to_image(pipe, num_prompts: int = 200, *, seed: int = 0, batch
 
     reports = {}
     for split in ("seen", "heldout"):
-        report = evaluate(generate, eval_prompts(num_prompts, split), batch_size=batch_size, seed=seed,
+        prompts = eval_prompts(num_prompts, split, seed=prompt_seed)
+        report = evaluate(generate, prompts, batch_size=batch_size, seed=seed,
                           progress=progress, desc=f"text-to-image, {split} prompts")
         report.pop("records")
         reports[split] = report
     return reports
 
 
-def movq_psnr(movq: torch.nn.Module, num_images: int = 200, *, image_size: int | None = None, seed: int = 4321) -> float:
+def movq_psnr(movq: torch.nn.Module, num_images: int = 200, *, image_size: int | None = None,
+              seed: int = 4321) -> float:
     """Mean PSNR (dB, images in [0, 1]) of encode→decode on evaluation images (not the training seed) of
     ``image_size`` pixels (default: the MoVQ's training resolution)."""
     data = ShapesDataset(num_images, image_size=image_size or movq.config.resolution, seed=seed, split="seen")
