@@ -90,7 +90,7 @@ class RunConfig:
     device: str  # "auto" = cuda:LOCAL_RANK when CUDA is available, else cpu; or "cpu" / "cuda"
     precision: str  # autocast dtype "fp32" | "bf16" | "fp16" (fp16 needs CUDA and uses a GradScaler)
     num_threads: int  # torch.set_num_threads at the entry point; 0 = leave the default
-    fsdp: bool  # shard with FSDP2 instead of DDP (the U-Net trainer, for the 3B model)
+    fsdp: bool  # shard with FSDP2 instead of DDP (U-Net runs and full fine-tuning, for the 3B model)
     log_interval: int  # optimizer steps between log lines (and log.csv rows); 0 = never
     sample_interval: int  # optimizer steps between sample grids; 0 = never
     checkpoint_interval: int  # optimizer steps between checkpoints; 0 = only at the end
@@ -393,8 +393,8 @@ class FinetuneConfig(TrainConfig):
         super().__post_init__()
         if self.lora.rank == 0 and self.model.dtype != "fp32":
             raise ValueError("full fine-tuning (lora.rank 0) trains fp32 weights: set model.dtype to 'fp32'")
-        if self.run.fsdp:
-            raise ValueError("run.fsdp: fine-tuning runs use DDP")
+        if self.run.fsdp and self.lora.rank:
+            raise ValueError("run.fsdp shards full fine-tuning (lora.rank 0); a LoRA run trains a few MB and uses DDP")
 
 
 TRAINERS: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "movq": MoVQTrainConfig,

@@ -37,6 +37,7 @@ __all__ = [
     "setup_distributed",
     "cleanup_distributed",
     "wrap_model",
+    "unsharded",
     "no_sync",
     "all_reduce_mean",
     "all_gather_cat",
@@ -134,6 +135,20 @@ def _size_policy(module: nn.Module, min_params: int) -> list[nn.Module]:
 
     visit(module)
     return chosen
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module, sharded: bool) -> Iterator[None]:
+    """Under FSDP2 (``sharded``) the root module's own parameter shards gathered for the block, for code that calls
+    submodules directly (a pipeline drawing samples); child units gather themselves in their forward hooks."""
+    if not sharded:
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,8 @@ center-cropped to ``data.image_size``, or with ``data.resolution_buckets`` to th
    or with ``lora.rank`` 0 every U-Net weight trained in fp32; ``model.gradient_checkpointing`` recomputes each
    block in the backward pass (:func:`checkpoint_blocks`).
 5. The loop: the U-Net trainer's step (:func:`.train_unet.draw_step`, :class:`.train_unet.DiffusionModel`: ε-MSE on
-   the cosine schedule, CFG dropout), autocast in ``run.precision``, DDP under torchrun, sample grids
+   the cosine schedule, CFG dropout), autocast in ``run.precision``, DDP under torchrun (FSDP2 for full
+   fine-tuning with ``run.fsdp``), sample grids
    (``samples/step_XXXXXX.png``) and ``checkpoint.pt`` at their intervals; ``--resume`` continues exactly.
 6. The end: the adapter file (EMA weights when ``ema.decay`` > 0, see :mod:`kandinsky3.lora` for the format), or
    for full fine-tuning a native model folder with the base model's MoVQ and text encoder.
@@ -52,7 +53,7 @@ from ..weights import Checkpoint, load_movq, load_text_encoder, load_unet, open_
 from .checkpoint import read_checkpoint, restore_training_state
 from .config import FinetuneConfig, apply_overrides, config_to_dict, parse_config
 from .distributed import (DistributedContext, barrier, cleanup_distributed, full_state_dict, load_optimizer_state,
-                          no_sync, setup_distributed, wrap_model)
+                          no_sync, setup_distributed, unsharded, wrap_model)
 from .ema import EMA
 from .image_datasets import ImageSource, training_images
 from .optim import autocast, build_optimizer, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
@@ -91,12 +92,18 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, dataset: Dataset |
         identity = base_identity(unet, config.model.base)
         spec = prepare_unet(config, unet, text_encoder)
         raw = DiffusionModel(unet, text_encoder, style=checkpoint.conditioning).to(ctx.device)
-        model = wrap_model(raw, ctx)  # what runs forward and backward; raw is what is saved
+        state = read_checkpoint(out_dir, config) if resume else None
+        if state is not None:  # before wrapping: FSDP shards what the model holds then
+            load_trained_state(raw, state["model"])
+        model = wrap_model(raw, ctx, fsdp=config.run.fsdp)  # what runs forward and backward; raw is what is saved
         optimizer = build_optimizer(config.optim.name, raw.named_parameters(), config.optim.lr, config.optim.betas,
                                     config.optim.weight_decay)
         scaler = make_grad_scaler(config.run.precision, ctx.device)
         ema = EMA(raw, config.ema.decay) if config.ema.decay > 0 else None
-        step = resume_from(config, raw, model, optimizer, scaler, ema) if resume else 0
+        step = 0
+        if state is not None:
+            load_optimizer_state(model, optimizer, state["optimizer"], config.run.fsdp)
+            step = restore_training_state(state, scaler, ema)
         logger.info("fine-tuning %s: %s, %.2fM of %.2fM U-Net weights trained, %d images, %s, %d process(es)",
                     config.model.base, f"LoRA rank {spec.rank} on {', '.join(spec.targets)}" if spec else "full",
                     sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6,
@@ -110,7 +117,8 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, dataset: Dataset |
             if log.due(step):
                 log.line(step, lr=optimizer.param_groups[0]["lr"])
             if due(step, config.run.sample_interval):
-                with ema.swapped(raw) if ema is not None else contextlib.nullcontext():
+                with ema.swapped(raw) if ema is not None else contextlib.nullcontext(), \
+                        unsharded(model, config.run.fsdp and ctx.distributed):
                     write_samples(config, ctx, raw, movq, prompts, checkpoint.conditioning, grid_path(out_dir, step))
             if due(step, config.run.checkpoint_interval):
                 save_unet_checkpoint(config, ctx, step, raw, model, optimizer, scaler, ema)
@@ -271,18 +279,6 @@ def prepare_unet(config: FinetuneConfig, unet: UNet, text_encoder: TextEncoder) 
     return spec
 
 
-def resume_from(config: FinetuneConfig, raw: DiffusionModel, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, ema: EMA | None) -> int:
-    """Load ``<out_dir>/checkpoint.pt`` (trained weights, optimizer, scaler, EMA, RNG states) on every rank; returns
-    the step to continue from, 0 when there is no checkpoint."""
-    state = read_checkpoint(Path(config.run.out_dir), config)
-    if state is None:
-        return 0
-    load_trained_state(raw, state["model"])
-    load_optimizer_state(model, optimizer, state["optimizer"], False)
-    return restore_training_state(state, scaler, ema)
-
-
 def checkpoint_blocks(unet: UNet) -> int:
     """Recompute each U-Net block (every level's residual/attention triples and its self-attention block) in the
     backward pass instead of keeping its activations (``torch.utils.checkpoint``, non-reentrant, RNG state
@@ -329,10 +325,11 @@ def train_step(config: FinetuneConfig, ctx: DistributedContext, step: int, data:
 @torch.no_grad()
 def write_samples(config: FinetuneConfig, ctx: DistributedContext, raw: DiffusionModel, movq: nn.Module,
                   prompts: list[str], style: str, path: Path) -> None:
-    """One row of sample images (seed 0) with the current weights, through the real pipeline (rank 0)."""
+    """One row of sample images (seed 0) with the current weights, through the real pipeline (rank 0; every rank
+    under FSDP, whose forward needs all ranks)."""
     from ..pipelines.text_to_image import Kandinsky3Pipeline
 
-    if not ctx.is_main:
+    if not (ctx.is_main or config.run.fsdp):
         return
     raw.eval()
     try:
@@ -343,7 +340,8 @@ def write_samples(config: FinetuneConfig, ctx: DistributedContext, raw: Diffusio
     finally:
         raw.train()
         movq.cpu()
-    save_image_grid(images * 2 - 1, len(images), path)
+    if ctx.is_main:
+        save_image_grid(images * 2 - 1, len(images), path)
 
 
 def export(config: FinetuneConfig, ctx: DistributedContext, raw: DiffusionModel, spec: LoraSpec | None,

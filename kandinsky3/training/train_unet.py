@@ -47,7 +47,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ from ..weights.native import write_native
 from .checkpoint import CHECKPOINT, read_checkpoint, restore_training_state, save_checkpoint
 from .config import UNetTrainConfig
 from .distributed import (DistributedContext, barrier, cleanup_distributed, full_state_dict, load_optimizer_state,
-                          no_sync, optimizer_state, setup_distributed, wrap_model)
+                          no_sync, optimizer_state, setup_distributed, unsharded, wrap_model)
 from .ema import EMA
 from .image_datasets import ImageSource, MaterializedImages, training_images
 from .initial_models import initial_models
@@ -328,26 +328,12 @@ def write_samples(config: UNetTrainConfig, ctx: DistributedContext, raw: Diffusi
         return
     raw.eval()
     try:
-        with ema.swapped(raw) if ema is not None else contextlib.nullcontext(), _unsharded(model, ctx, config):
+        with ema.swapped(raw) if ema is not None else contextlib.nullcontext(), unsharded(model, config.run.fsdp and ctx.distributed):
             grid, columns = unet_samples(config, raw.unet, movq, raw.text_encoder, images)
     finally:
         raw.train()
     if ctx.is_main:
         save_image_grid(grid, columns, path)
-
-
-@contextlib.contextmanager
-def _unsharded(model: nn.Module, ctx: DistributedContext, config: UNetTrainConfig) -> Iterator[None]:
-    """Under FSDP2 the pipeline calls submodules directly, so the root's own parameter shards are gathered
-    first (child units gather themselves in their forward hooks)."""
-    if not (config.run.fsdp and ctx.distributed):
-        yield
-        return
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
 
 
 def save_unet_checkpoint(config: UNetTrainConfig, ctx: DistributedContext, step: int, raw: DiffusionModel,

@@ -193,3 +193,22 @@ def test_two_gloo_processes_train_the_one_process_adapter(tmp_path):
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert 0 < max(float(b[k].abs().max()) for k in b) and worst <= 1e-5, worst
+
+
+@pytest.mark.slow
+def test_full_finetuning_sharded_on_two_processes_with_resume_equals_one_process(tmp_path):
+    """FSDP2 over 2 gloo ranks (rank 0, every U-Net weight): 2 steps, stop, resume, 1 step == 3 steps on one
+    process (weights, EMA and optimizer state, gathered into the checkpoints, to 1e-5); a LoRA run refuses it."""
+    from test_training_distributed import compare, run_ranks
+
+    # lr 1e-4: Adam's step is ~lr wherever a gradient is tiny, so the ranks' different summation order shows at
+    # about 1e-2 × lr in those weights (2e-5 at lr 1e-3)
+    full = ["model.gradient_checkpointing=true", "ema.decay=0.9", "optim.lr=0.0001"]
+    finetune(config_for(tmp_path / "one", *full, f"lora.output={tmp_path / 'one_model'}", rank=0, steps=3))
+    sharded = [*full, "run.fsdp=true", f"lora.output={tmp_path / 'two_model'}"]
+    run_ranks(finetune, config_for(tmp_path / "two", *sharded, rank=0, steps=2))
+    run_ranks(finetune, config_for(tmp_path / "two", *sharded, rank=0, steps=3), resume=True)
+    compare(tmp_path / "one" / "run", tmp_path / "two" / "run")
+    assert (tmp_path / "two_model" / "unet" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="run.fsdp shards full fine-tuning"):
+        config_for(tmp_path / "three", "run.fsdp=true", rank=4)
