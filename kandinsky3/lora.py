@@ -264,8 +264,9 @@ def save_lora(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None,
     return path
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read and check a LoRA file: a safetensors file with this module's metadata (see the module docstring)."""
+def read_lora(path: str | Path, *, tensors: bool = True) -> LoraFile:
+    """Read and check a LoRA file: a safetensors file with this module's metadata (see the module docstring).
+    ``tensors=False`` reads the header only (the returned ``tensors`` is empty): what listing a folder needs."""
     from safetensors import safe_open
 
     from .weights.safe_io import CheckpointError
@@ -276,7 +277,7 @@ def read_lora(path: str | Path) -> LoraFile:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            weights = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except Exception as error:  # safetensors raises its own error types for a damaged header
         raise CheckpointError(path, f"is not a readable safetensors file ({error})") from None
     if metadata.get("format") != FORMAT:
@@ -290,7 +291,7 @@ def read_lora(path: str | Path) -> LoraFile:
         trigger_words = tuple(json.loads(metadata.get("trigger_words", "[]")))
     except (KeyError, ValueError) as error:
         raise CheckpointError(path, f"has incomplete LoRA metadata ({error})") from None
-    return LoraFile(path, tensors, spec, base, trigger_words, metadata)
+    return LoraFile(path, weights, spec, base, trigger_words, metadata)
 
 
 def _check_keys(lora: LoraFile, expected: dict[str, torch.Size]) -> None:

@@ -92,6 +92,8 @@ def test_save_then_load_gives_the_same_outputs(tmp_path):
     torch.testing.assert_close(_eps(fresh_unet, fresh_text), expected, rtol=0, atol=1e-5)
     read = lora.read_lora(path)
     assert read.trigger_words == ("sks",) and read.spec == ALL_TARGETS and read.base.name == "tiny-random"
+    header = lora.read_lora(path, tensors=False)  # what a server listing a folder reads
+    assert header.tensors == {} and read.tensors and header.metadata == read.metadata and header.base == read.base
 
 
 def test_file_keys_are_stable_module_paths(tmp_path):

@@ -102,7 +102,7 @@ class LoraLibrary:
             return None
         try:
             stat = path.stat()
-            lora = read_lora(path)
+            lora = read_lora(path, tensors=False)  # the header: a folder of large files lists fast
         except (OSError, ValueError) as error:  # CheckpointError and UsageError are ValueErrors
             reason = str(error)
             logger.warning("skipping LoRA file %s", reason if reason.startswith(str(path)) else f"{path}: {reason}")
