@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import UsageError
 from .config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def _read_captions(root: Path) -> list[tuple[str, str]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{jsonl}:{number}: not valid JSON ({error.msg}): {line[:80]!r}") from None
+                raise UsageError(f"{jsonl}:{number}: not valid JSON ({error.msg}): {line[:80]!r}") from None
             if not isinstance(record, dict) or "file" not in record or "caption" not in record:
                 raise ValueError(f"{jsonl}:{number}: expected {{\"file\": ..., \"caption\": ...}}, got {line[:80]!r}")
             items.append((str(record["file"]), str(record["caption"])))
