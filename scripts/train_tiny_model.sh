@@ -5,8 +5,9 @@
 #
 # Three resumable stages (run the script again after an interruption: each stage continues from its last
 # checkpoint, a finished stage is skipped): MoVQ (128 px, 8x), then U-Net + T5 text encoder, then the inpainting
-# U-Net. Each stage uses both cores as two threads of one process (benchmarks/README.md, "Training step": more
-# threads or ranks than cores stall). Fixed seeds: the same command on the same machine gives the same model.
+# U-Net. Each stage uses both cores as two threads of one process (benchmarks/README.md, "train_step.py": two
+# single-thread DDP ranks are no faster, and running anything else beside it slows it several times over).
+# Fixed seeds: the same command on the same machine gives the same model.
 # Run folders are runs/small_movq, runs/small_unet, runs/small_inpainting (not in git).
 set -euo pipefail
 OUT="${1:-kandinsky3/assets/tiny}"
