@@ -34,7 +34,7 @@ def pipe():
 
 def _report(pipe, split: str) -> dict:
     def generate(prompts, seed):
-        return pipe(prompts, width=64, height=64, seed=seed * 1000, steps=STEPS, sampler=SAMPLER, progress=False)
+        return pipe(prompts, seed=seed * 1000, steps=STEPS, sampler=SAMPLER, progress=False)  # at the model's size
 
     return evaluate(generate, eval_prompts(NUM_PROMPTS, split), batch_size=NUM_PROMPTS)
 
