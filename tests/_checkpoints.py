@@ -13,7 +13,7 @@ Writers (each returns a :class:`Written` with the folder and the reference netwo
 
 Every parameter is random (also norm weights and zero-initialised projections) and drawn from explicit generators,
 so the files are identical across runs. The U-Net, MoVQ and T5 are the smallest shapes that exercise every code
-path: 2 U-Net levels (asymmetric attention flags, docs/architecture.md §10.2), MoVQ attention at level 1, a 2-layer
+path: 2 U-Net levels (asymmetric attention flags, docs/practice.md §10.2), MoVQ attention at level 1, a 2-layer
 T5.
 """
 

@@ -8,7 +8,7 @@ tells the two kinds apart; :func:`plan_placement` turns that, the model's size a
 :class:`Placement`:
 
 1. storage dtype (``dtype`` None): on CUDA the GPU's half precision — bf16 from sm80 on, else fp16 with the MoVQ
-   kept in fp32 (docs/architecture.md §9.1: it misbehaves in fp16) and T5's ``wo`` kept in fp32 by the loader
+   kept in fp32 (docs/practice.md §9.1: it misbehaves in fp16) and T5's ``wo`` kept in fp32 by the loader
    (§4.7); elsewhere fp32 when the whole model fits the budget in fp32, else bf16.
 2. compute dtype (``compute_dtype`` None): the storage dtype where the device computes it fast, else fp32 (weights
    stay in half precision and each layer reads an fp32 copy, :func:`kandinsky3.lowmem.storage.compute_in`). A half

@@ -3,7 +3,7 @@
 The field names are the original hyper-parameter names of ai-forever/Kandinsky-3
 (``kandinsky3/__init__.py``); architecture §2.1 lists the released values.  The per-level tuples
 (``num_blocks``, ``add_cross_attention``, ``add_self_attention``) follow the original's
-zip semantics (architecture §10.2): the down path uses their first ``levels`` entries, the up path
+zip semantics (practice §10.2): the down path uses their first ``levels`` entries, the up path
 the first ``levels`` entries of the *reversed* tuple.  With tuples exactly ``levels`` long
 this is the natural symmetric network; longer tuples reproduce the original's (and
 diffusers') behaviour for configs with fewer than four levels.

@@ -7,7 +7,7 @@
   trained on the dataset captions (:mod:`.caption_tokenizer`).
 - U-Net: fresh weights, or ``model.init_unet``, read by the project's checkpoint reader (any model
   folder, Hub repo id or U-Net file); a base (4-channel) U-Net loaded into an inpainting (9-channel)
-  run is expanded GLIDE-style (:func:`glide_init_state`, architecture §8).
+  run is expanded GLIDE-style (:func:`glide_init_state`, practice §8).
 
 Whatever dtype a pretrained model is stored in (the bundled one is fp16), the run starts from fp32
 copies of its weights; ``run.precision`` decides the compute dtype.
@@ -102,7 +102,7 @@ def pretrained_text(path: Path) -> TextSource:
 
 
 def glide_init_state(base: dict[str, torch.Tensor], num_channels: int) -> dict[str, torch.Tensor]:
-    """A base U-Net state dict expanded to ``num_channels`` inputs, GLIDE-style (architecture §8).
+    """A base U-Net state dict expanded to ``num_channels`` inputs, GLIDE-style (practice §8).
 
     Every tensor is copied; ``in_layer.weight`` (C,4,3,3) becomes (C,num_channels,3,3) with the
     base kernel in input channels 0-3 and zeros for the new ones, so the expanded network gives

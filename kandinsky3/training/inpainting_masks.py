@@ -5,7 +5,7 @@ the inpainting pipeline's user mask. The U-Net's mask channel is the opposite, k
 (architecture §2.9).
 
 The Kandinsky 3 report trained inpainting on "rectangles, circles, strokes and arbitrary shapes,
-up to 3 per image" (architecture §8). :func:`random_mask` draws 1-3 shapes among axis-aligned rectangles,
+up to 3 per image" (practice §8). :func:`random_mask` draws 1-3 shapes among axis-aligned rectangles,
 ellipses and free-form brush strokes (a thick random polyline), and keeps the union's area
 fraction inside a stated range (default 5-60%): shapes are drawn for a target area, redrawn with
 rescaled sizes when the union misses the range, and as a last resort replaced by one rectangle of

@@ -4,7 +4,7 @@ step, mixed precision (autocast, loss scaling) and the clipped optimizer step.
 References: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", arXiv 1711.05101 (AdamW);
 Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675 (Lion, Algorithm 2).
 The Kandinsky 3 report trained the inpainting model with Lion at lr 1e-5 and 10k warm-up steps
-(architecture §8).
+(practice §8).
 """
 
 from __future__ import annotations

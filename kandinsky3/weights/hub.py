@@ -1,4 +1,4 @@
-"""Resolve Hugging Face Hub repo ids to local folders, downloading only the files a call needs (architecture §7).
+"""Resolve Hugging Face Hub repo ids to local folders, downloading only the files a call needs (practice §7).
 
 Known repos use fixed file lists (so a warm cache works offline):
 

@@ -5,7 +5,7 @@ resolution). Those default to the released values (head_dim 64, groups 32; MoVQ 
 docs/architecture.md §2.1, §3.1); a checkpoint whose widths they do not divide needs them passed explicitly.
 
 Per-level U-Net tuples follow the zip semantics of :class:`kandinsky3.models.unet_config.UNetConfig`
-(docs/architecture.md §10.2): the down path reads ``tuple[:n]``, the up path ``tuple[::-1][:n]``. When the up levels
+(docs/practice.md §10.2): the down path reads ``tuple[:n]``, the up path ``tuple[::-1][:n]``. When the up levels
 mirror the down levels the inferred tuples have n entries; otherwise they have 2n entries ``down + reversed(up)``,
 which reproduces e.g. diffusers' 2-level configs (down attention (False, True), up attention (True, True)).
 """

@@ -1,6 +1,6 @@
 """Safe, memory-frugal reading and writing of checkpoint files.
 
-- ``.pt`` / ``.bin`` pickles are read only with ``torch.load(weights_only=True, mmap=True)`` (architecture §7,
+- ``.pt`` / ``.bin`` pickles are read only with ``torch.load(weights_only=True, mmap=True)`` (practice §7,
   "what a compatible loader must handle" 1): no arbitrary code runs, and tensor data stays in the file until touched.
   Legacy (pre-zip) pickles cannot be memory-mapped and are read whole. The result must be a tree of plain dicts
   with string keys and tensor leaves; anything else (a custom class, ``collections.Counter`` …) is refused.

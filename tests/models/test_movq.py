@@ -1,6 +1,6 @@
 """MoVQ autoencoder: parity with diffusers' VQModel(norm_type="spatial"), key conversion, config, quantiser.
 
-The oracle is diffusers' VQModel with every parameter randomised (architecture §10.1): its state dict is converted with
+The oracle is diffusers' VQModel with every parameter randomised (practice §10.1): its state dict is converted with
 ``diffusers_to_original_movq`` and loaded strictly into ``MoVQ``; outputs are compared in fp32.
 """
 

@@ -16,7 +16,7 @@ from kandinsky3.models.unet import UNet, UNetConfig, masked_attention
 from kandinsky3.weights.unet_keys import diffusers_to_original_unet, original_to_diffusers_unet
 
 DIFFUSERS_CONFIGS = {
-    # diffusers' own fast-test config (2 levels: every up level has attention, architecture §10.2)
+    # diffusers' own fast-test config (2 levels: every up level has attention, practice §10.2)
     "fast_test": dict(
         in_channels=4, time_embedding_dim=4, groups=2, attention_head_dim=4, layers_per_block=3,
         block_out_channels=(32, 64), cross_attention_dim=4, encoder_hid_dim=32,

@@ -127,7 +127,7 @@ def test_the_fine_tuning_config_starts_from_the_bundled_model_and_matches_its_un
 
 
 def test_full_recipe_has_the_report_schedule():
-    """architecture §8: 256/384/512/768/mixed, 600k/500k/400k/250k/350k steps, global batch = per-GPU × GPUs; then
+    """practice §8: 256/384/512/768/mixed, 600k/500k/400k/250k/350k steps, global batch = per-GPU × GPUs; then
     inpainting with Lion 1e-5, 10k warm-up, 250k steps; each stage starts from the previous export."""
     stages = recipe_stages(json.loads((CONFIGS / "kandinsky3_full_recipe.json").read_text()))
     base = [s for s in stages if s.model.mode == "base"]

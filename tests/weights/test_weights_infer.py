@@ -24,7 +24,7 @@ def _shapes(module_class, config):
 UNET_CONFIGS = {
     "released": UNetConfig.kandinsky3(),
     "inpainting": UNetConfig.kandinsky3_inpainting(),
-    # diffusers' fast-test network: 2 levels, down attention (F, T), up attention (T, T) (docs/architecture.md §10.2)
+    # diffusers' fast-test network: 2 levels, down attention (F, T), up attention (T, T) (docs/practice.md §10.2)
     "diffusers_fast_test": UNetConfig.from_diffusers(dict(
         in_channels=4, time_embedding_dim=4, groups=2, attention_head_dim=4, layers_per_block=3,
         block_out_channels=(32, 64), cross_attention_dim=4, encoder_hid_dim=32,
