@@ -49,8 +49,8 @@ _SAMPLER_SUMMARIES = "; ".join(f"{name}: {get_sampler(name).summary}" for name i
 _DEFAULT_STEPS = ", ".join(f"{name} {get_sampler(name).default_steps}" for name in SAMPLER_CHOICES)
 _DEFAULT_ETA = ", ".join(f"{name} {get_sampler(name).eta}" for name in SAMPLER_CHOICES
                          if get_sampler(name).eta is not None)
-_SIZE_HELP = ("a multiple of the model's size step (MoVQ × U-Net downsampling: 64 for the released models, 32 for "
-              "the bundled tiny one)")
+_SIZE_HELP = ("a multiple of the model's size step (MoVQ × U-Net downsampling: 64 for the released models and the "
+              "bundled tiny one)")
 _SEED_RANGE = 2**32  # random seeds are drawn from [0, 2**32), as AUTOMATIC1111 does
 
 
@@ -457,9 +457,10 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     if args.inpainting:
         inpaint = load_pipeline("inpainting", args.model, device="cpu", options=fp32)
-        for key, paste_back in (("inpainting", True), ("inpainting_before_paste_back", False)):
-            results[key] = evaluation.evaluate_inpainting(inpaint, args.num_prompts, seed=args.seed, steps=args.steps,
-                                                          progress=progress, paste_back=paste_back)
+        report = evaluation.evaluate_inpainting(inpaint, args.num_prompts, seed=args.seed, steps=args.steps,
+                                                progress=progress)
+        raw = report.pop("before_paste_back")
+        results["inpainting"], results["inpainting_before_paste_back"] = report, raw
     print(json.dumps(results, indent=2))
     print(f"evaluated in {time.perf_counter() - start:.1f} s")
     return 0

@@ -185,3 +185,24 @@ def test_inpainting_score_checks_the_object_is_in_the_mask_and_the_rest_is_kept(
     assert bad["object_in_mask"] and not bad["outside_unchanged"] and bad["outside_mad"] > 0.1
     with pytest.raises(ValueError, match="mask"):
         inpainting_score("a blue square", original, result, torch.ones(32, 32))
+
+
+def test_evaluate_inpainting_reports_the_pipelines_paste_back_and_the_raw_output_from_one_generation():
+    """The top-level figures equal those of the pipeline's own ``paste_back=True`` images; ``before_paste_back``
+    those of its ``paste_back=False`` images (the bundled inpainting model, 2 steps, 3 cases)."""
+    from kandinsky3 import get_inpainting_pipeline
+    from kandinsky3.evaluation import _inpainting_case, evaluate_inpainting
+
+    pipe = get_inpainting_pipeline("cpu", model="tiny")
+    report = evaluate_inpainting(pipe, num_prompts=3, steps=2, seed=5)
+    cases = [_inpainting_case(c, s, pipe.sampling_defaults.width)
+             for c, s in eval_prompts(12, "seen", seed=2024) if len(s.objects) == 1][:3]
+    for paste_back, expected in ((True, report), (False, report["before_paste_back"])):
+        scores = [inpainting_score(prompt, image, pipe(prompt, image, mask, seed=5 + k, steps=2, progress=False,
+                                                       paste_back=paste_back)[0], mask)
+                  for k, (prompt, image, mask) in enumerate(cases)]
+        for key in ("object_in_mask", "outside_unchanged", "outside_mad"):
+            assert expected[key] == pytest.approx(np.mean([s[key] for s in scores]), abs=1e-12), key
+    assert report["outside_mad"] == 0.0 and report["before_paste_back"]["outside_mad"] > 0.0
+    with pytest.raises(ValueError, match="paste_back"):
+        evaluate_inpainting(pipe, num_prompts=1, paste_back=False)
