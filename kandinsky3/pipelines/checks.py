@@ -121,7 +121,7 @@ class ModelFacts:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: MoVQ factor × U-Net factor (64 released, 32 bundled)."""
+        """Image sides must be multiples of this: MoVQ factor × U-Net factor (64 for the released and the bundled models)."""
         return self.latent_factor * self.unet_config.downsample_factor
 
     @property

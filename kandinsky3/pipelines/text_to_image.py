@@ -43,8 +43,8 @@ class Kandinsky3Pipeline(PipelineBase):
             negative_prompt: one for all prompts or one per prompt (its own mask; not truncated).
             arguments (keywords; checked by :func:`~kandinsky3.pipelines.checks.check_generation`):
                 width, height: pixels, positive multiples of the model's size multiple (MoVQ factor × U-Net
-                    factor: 64 for the released weights, 32 for the bundled tiny model); default: the model's
-                    (``sampling_defaults``: 1024 for the released weights, 64 for the bundled model).
+                    factor: 64 for the released weights and the bundled tiny model); default: the model's
+                    (``sampling_defaults``: 1024 for the released weights, 128 for the bundled model).
                 latents: (B, 4, height/8, width/8) finite start noise instead of drawing it.
                 decode_slice_size: latents decoded at once (None: the whole batch; default 1).
                 num_images_per_prompt (alias ``images_num``): images per prompt.

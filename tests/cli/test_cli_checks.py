@@ -36,9 +36,9 @@ def test_arguments_are_checked_before_the_model_loads(main, model, tmp_path, arg
 
 
 def test_the_size_multiple_is_the_models_own(main, tmp_path):
-    """The bundled tiny model takes multiples of 32 (its U-Net downsamples 4×, its MoVQ 8×)."""
-    _refused(main("generate", "a", "--model", "tiny", "--width", "48", "-o", str(tmp_path / "out.png")),
-             "width=48 is not a multiple of 32; the nearest valid sizes are 32 and 64")
+    """The bundled tiny model takes multiples of 64 (its U-Net downsamples 8×, its MoVQ 8×)."""
+    _refused(main("generate", "a", "--model", "tiny", "--width", "96", "-o", str(tmp_path / "out.png")),
+             "width=96 is not a multiple of 64; the nearest valid sizes are 64 and 128")
 
 
 @pytest.mark.parametrize("flags", [("--steps", "8"), ("--eta", "1"), ("--guidance-scale", "2"),

@@ -40,13 +40,13 @@ def test_every_png_carries_its_generation_parameters(cli, model, tmp_path):
 
 
 def test_parameters_record_the_models_choices_when_the_flags_leave_them_open(cli, tmp_path):
-    """No --steps/--sampler/--guidance-scale: the PNG says what ran (the bundled model's own 64 px, 'original')."""
+    """No --steps/--sampler/--guidance-scale: the PNG says what ran (the bundled model's own 128 px, 'original')."""
     out = tmp_path / "out.png"
     result = cli("generate", "a red circle", "--model", "tiny", "-o", str(out), "--seed", "1", "--no-progress")
     assert result.returncode == 0, result.stderr
     parameters = parse_parameters(read_parameters(out))
     assert (parameters["Sampler"], parameters["Steps"], parameters["CFG scale"], parameters["Size"]) == (
-        "original", "50", "3.0", "64x64")
+        "original", "50", "3.0", "128x128")
 
 
 @pytest.mark.slow  # several model loads in subprocesses: CI's second tier
@@ -111,8 +111,8 @@ def test_flash_writes_its_fixed_sampling_into_the_png(cli, flash_model, tmp_path
 
 def test_help_says_the_size_multiple_comes_from_the_model(cli):
     text = " ".join(cli("generate", "--help").stdout.split())
-    assert "a multiple of the model's size step" in text and "64 for the released models" in text
-    assert "32 for the bundled tiny one" in text and "multiple of 64;" not in text
+    assert "a multiple of the model's size step" in text and "64 for the released models and the" in text
+    assert "bundled tiny one" in text and "multiple of 64;" not in text
 
 
 def _image_and_mask(folder, side: int):
@@ -155,12 +155,12 @@ def test_low_memory_flags_give_the_same_image(cli, model, tmp_path):
 
 
 def test_generate_renders_at_the_models_own_size_and_logs_the_placement(cli, tmp_path):
-    """No --width/--height: the size recorded by the model (64 px for the bundled tiny model); the automatic
+    """No --width/--height: the size recorded by the model (128 px for the bundled tiny model); the automatic
     placement is said in one line."""
     result = cli("generate", "a red circle", "--model", "tiny", "-o", str(tmp_path / "tiny.png"), "--steps", "2",
                  "--no-progress")
     assert result.returncode == 0, result.stderr
-    assert Image.open(tmp_path / "tiny.png").size == (64, 64)
+    assert Image.open(tmp_path / "tiny.png").size == (128, 128)
     assert sum("placement" in line for line in result.stderr.splitlines()) == 1
 
 

@@ -159,9 +159,9 @@ def test_zero_or_negative_sizes_are_errors_never_the_default(t2i, img2img, argum
 
 def test_sizes_off_the_models_multiple_name_it_and_the_nearest_sizes():
     pipe = load_pipeline("text-to-image", "tiny", device="cpu")
-    with pytest.raises(UsageError, match="width=80 is not a multiple of 32; the nearest valid sizes are 64 and 96"):
+    with pytest.raises(UsageError, match="width=80 is not a multiple of 64; the nearest valid sizes are 64 and 128"):
         pipe("a", width=80, height=64, progress=False)
-    with pytest.raises(UsageError, match="height=16 is not a multiple of 32; the nearest valid sizes are 32"):
+    with pytest.raises(UsageError, match="height=16 is not a multiple of 64; the nearest valid sizes are 64"):
         pipe("a", width=64, height=16, progress=False)
     with pytest.raises(UsageError, match="width must be a positive int"):
         pipe("a", width=64.0, progress=False)

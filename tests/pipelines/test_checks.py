@@ -41,9 +41,9 @@ def test_model_facts_read_configs_and_headers_only(monkeypatch):
     monkeypatch.setattr(build, "instantiate", no_weights)
     monkeypatch.setattr(build, "instantiate_text_encoder", no_weights)
     facts = model_facts("tiny", "text-to-image", device="cpu")
-    assert facts.size_multiple == 32 and facts.latent_factor == 4 and facts.latent_channels == 4
+    assert facts.size_multiple == 64 and facts.latent_factor == 8 and facts.latent_channels == 4
     assert not facts.flash and not facts.inpainting
-    assert (facts.sampling_defaults.width, facts.sampling_defaults.height) == (64, 64)
+    assert (facts.sampling_defaults.width, facts.sampling_defaults.height) == (128, 128)
     assert facts.default_sampler == "original" and facts.pending_bytes["unet"] > 0  # nothing loaded yet
     inpainting = model_facts("tiny", "inpainting", device="cpu")
     assert inpainting.inpainting and inpainting.default_guidance_scale == 4.0
@@ -75,13 +75,13 @@ def test_weights_waiting_on_disk_count_as_still_to_load():
 def test_check_generation_fills_in_the_models_defaults(tiny_facts):
     request = check_generation("text-to-image", tiny_facts, prompt=["a", "b"], num_images_per_prompt=2)
     assert isinstance(request, GenerationRequest)
-    assert (request.width, request.height) == (64, 64)
+    assert (request.width, request.height) == (128, 128)
     assert (request.sampler, request.steps, request.guidance_scale, request.eta) == ("original", 50, 3.0, 1.0)
     assert request.batch.prompts == ["a", "a", "b", "b"] and request.num_images == 4
     assert isinstance(request.seed, int) and 0 <= request.seed < 2**31  # drawn, so it can be recorded
     assert len(request.plan.timesteps) == 50 and request.output_type == "pil" and request.peak_bytes > 0
-    ddim = check_generation("text-to-image", tiny_facts, prompt="a", sampler="ddim", seed=5, width=96, height=32)
-    assert (ddim.sampler, ddim.steps, ddim.eta, ddim.seed, ddim.width, ddim.height) == ("ddim", 50, 0.0, 5, 96, 32)
+    ddim = check_generation("text-to-image", tiny_facts, prompt="a", sampler="ddim", seed=5, width=192, height=64)
+    assert (ddim.sampler, ddim.steps, ddim.eta, ddim.seed, ddim.width, ddim.height) == ("ddim", 50, 0.0, 5, 192, 64)
 
 
 def test_pipelines_run_check_generation_first(tiny_pipe, monkeypatch):
@@ -180,8 +180,8 @@ def test_a_huge_size_is_refused_before_any_network_runs(tiny_pipe):
     calls = []
     hook = tiny_pipe.unet.in_layer.register_forward_hook(lambda *_: calls.append(1))
     try:
-        with pytest.raises(UsageError, match=r"100000x100000 needs about .* TiB .* free; the largest"):
-            tiny_pipe("a", width=100000, height=100000, progress=False)
+        with pytest.raises(UsageError, match=r"100032x100032 needs about .* TiB .* free; the largest"):
+            tiny_pipe("a", width=100032, height=100032, progress=False)
     finally:
         hook.remove()
     assert calls == []
@@ -189,12 +189,12 @@ def test_a_huge_size_is_refused_before_any_network_runs(tiny_pipe):
 
 def test_time_per_step_is_logged_for_sizes_far_above_the_native_one(tiny_facts, caplog):
     with caplog.at_level(logging.WARNING, logger="kandinsky3.pipelines.budget"):
-        check_generation("text-to-image", tiny_facts, prompt="a", seed=0)  # native 64×64: nothing
+        check_generation("text-to-image", tiny_facts, prompt="a", seed=0)  # native 128×128: nothing
         assert not caplog.records
-        check_generation("text-to-image", tiny_facts, prompt="a", seed=0, width=256, height=192, steps=7)
+        check_generation("text-to-image", tiny_facts, prompt="a", seed=0, width=512, height=384, steps=7)
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
-    assert "256x192 is 12× the pixels of the model's native 64x64: about" in record.getMessage()
+    assert "512x384 is 12× the pixels of the model's native 128x128: about" in record.getMessage()
     assert "per step on cpu" in record.getMessage() and "for 7 steps" in record.getMessage()
 
 

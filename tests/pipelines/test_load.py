@@ -124,10 +124,10 @@ def test_device_and_dtype_maps_place_each_component(original):
 
 
 def test_the_tiny_model_renders_at_its_own_size_through_the_api():
-    """No width/height: the size the model records (the bundled tiny model was trained at 64 px), not 1024."""
+    """No width/height: the size the model records (the bundled tiny model was trained at 128 px), not 1024."""
     pipe = get_T2I_pipeline("cpu", model="tiny")
-    assert (pipe.sampling_defaults.width, pipe.sampling_defaults.height) == (64, 64)
-    assert pipe("a red circle", steps=2, seed=0, progress=False)[0].size == (64, 64)
+    assert (pipe.sampling_defaults.width, pipe.sampling_defaults.height) == (128, 128)
+    assert pipe("a red circle", steps=2, seed=0, progress=False)[0].size == (128, 128)
 
 
 def test_the_layout_is_detected_once_per_call(original, monkeypatch):

@@ -38,7 +38,7 @@ def test_openai_sdk_url_answers_are_served_by_the_same_server(server):
     assert url.startswith(server.url + "/v1/images/files/")
     fetched = httpx.get(url)  # no key: the token in the URL is the credential
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
+    assert Image.open(io.BytesIO(fetched.content)).size == (128, 128)  # the model's own size
     assert httpx.get(server.url + "/v1/images/files/" + "A" * 32 + ".png").status_code == 404
 
 

@@ -163,7 +163,7 @@ def test_generate_moves_the_progress_bar_and_shows_the_image(page):
     assert "seed 1234" in seen[-1][3]
     images = wait_until(lambda: gallery_images(driver), 10, "an image in the gallery")
     shot("2-txt2img-done")
-    assert len(images) == 1 and images[0].size == (64, 64)
+    assert len(images) == 1 and images[0].size == (128, 128)  # the model's own size
     assert np.asarray(images[0]).std() > 5, "the image is flat"
 
 
@@ -184,7 +184,7 @@ def test_cancel_stops_the_running_job(page):
 def test_img2img_turns_the_uploaded_image_into_one_of_the_form_size(page, tmp_path):
     driver, shot = page
     source = tmp_path / "red.png"
-    Image.new("RGB", (100, 70), (200, 30, 30)).save(source)  # sides that are no multiple of 32: resized to 64
+    Image.new("RGB", (100, 70), (200, 30, 30)).save(source)  # sides that are no multiple of 64: the form's size
     driver.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys("a blue square")
     open_tab(driver, "Image to image")
     upload = wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#img2img-image input[type=file]"), 10,
@@ -197,7 +197,7 @@ def test_img2img_turns_the_uploaded_image_into_one_of_the_form_size(page, tmp_pa
     assert seen[-1][0] == "done", seen[-1]
     images = wait_until(lambda: gallery_images(driver), 10, "the img2img result")
     shot("4-img2img")
-    assert images[0].size == (64, 64)
+    assert images[0].size == (128, 128)  # the form's size, the model's own, not the upload's
     assert np.abs(np.asarray(images[0]).astype(int) - (200, 30, 30)).mean() > 10, "the image came back unchanged"
 
 

@@ -223,7 +223,7 @@ def test_the_bundled_model_fine_tunes_with_the_shipped_config(tmp_path, monkeypa
                       f"model.movq_path={model}", f"text.encoder_path={model}"]
     assert main(["configs/finetune_tiny.json", *overrides]) == 0
     exported, bundled = load_components(out / "final"), load_components(model, dtype="fp32")
-    assert exported.variant == variant and exported.sampling_defaults.width == 64
+    assert exported.variant == variant and exported.sampling_defaults.width == 128
     moved = max((a - b).abs().max().item() for a, b in zip(exported.unet.state_dict().values(),
                                                           bundled.unet.state_dict().values()))
     assert 0 < moved < 1e-2, moved

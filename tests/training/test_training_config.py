@@ -123,7 +123,7 @@ def test_the_fine_tuning_config_starts_from_the_bundled_model_and_matches_its_un
     assert config.model.init_unet == config.model.movq_path == config.text.encoder_path == bundled
     shipped = json.loads((CONFIGS.parent / bundled / "unet" / "config.json").read_text())
     assert config.model.unet == UNetConfig.from_dict(shipped)
-    assert config.data.dataset == "folder" and config.data.image_size == 64 and not config.text.train_t5
+    assert config.data.dataset == "folder" and config.data.image_size == 128 and not config.text.train_t5
 
 
 def test_full_recipe_has_the_report_schedule():

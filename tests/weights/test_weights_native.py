@@ -92,10 +92,11 @@ def test_sampling_defaults_round_trip_and_reject_bad_values():
 # ------------------------------------------------------------------------------------------- sampling defaults
 
 
-def test_bundled_tiny_models_record_their_64px_training_size():
+def test_bundled_tiny_models_record_their_128px_training_size():
     base, inpainting = open_checkpoint(TINY_MODEL / "base"), open_checkpoint(TINY_MODEL / "inpainting")
-    assert base.sampling_defaults == SamplingDefaults(64, 64, guidance_scale=3.0, steps=50, sampler="original")
-    assert inpainting.sampling_defaults == SamplingDefaults(64, 64, guidance_scale=4.0, steps=50, sampler="original")
+    assert base.sampling_defaults == SamplingDefaults(128, 128, guidance_scale=3.0, steps=50, sampler="original")
+    assert inpainting.sampling_defaults == SamplingDefaults(128, 128, guidance_scale=4.0, steps=50,
+                                                            sampler="original")
     assert load_components(TINY_MODEL / "base", components=("movq",)).sampling_defaults == base.sampling_defaults
 
 
