@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from .config import TrainConfig, config_to_dict
+from .distributed import barrier
 from .ema import EMA
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,23 @@ def replace_file(path: Path, write: Callable[[Path], Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def cached_file(path: Path, key: dict, compute: Callable[[], dict], is_main: bool) -> dict:
+    """``compute()`` saved with ``key`` in ``path`` (folders created, written through :func:`replace_file`) by rank 0
+    unless the file already holds that key; every rank then reads it (a shared filesystem under several nodes)."""
+    if is_main and not holds_key(path, key):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"key": key, **compute()}
+        replace_file(path, lambda tmp: torch.save(state, tmp))
+        logger.info("cached %s", path)
+    barrier()
+    return torch.load(path, weights_only=True)
+
+
+def holds_key(path: Path, key: dict) -> bool:
+    """Whether the cache file ``path`` exists and was written for ``key``."""
+    return path.is_file() and torch.load(path, weights_only=True, mmap=True)["key"] == key
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -36,10 +36,8 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -50,7 +48,7 @@ from ..lora import LoraSpec, base_identity, inject_lora, save_lora
 from ..models.text_encoder import TextEncoder, cut_length
 from ..models.unet import UNet
 from ..weights import Checkpoint, load_movq, load_text_encoder, load_unet, open_checkpoint, write_native
-from .checkpoint import read_checkpoint, restore_training_state
+from .checkpoint import cached_file, holds_key, read_checkpoint, restore_training_state
 from .config import FinetuneConfig, apply_overrides, config_to_dict, parse_config
 from .distributed import (DistributedContext, barrier, cleanup_distributed, full_state_dict, load_optimizer_state,
                           no_sync, setup_distributed, unsharded, wrap_model)
@@ -166,23 +164,6 @@ class CachedT5(nn.Module):
         return (self.states[rows, :width].to(input_ids.device),)
 
 
-def cached_file(path: Path, key: dict, compute: Callable[[], dict], is_main: bool) -> dict:
-    """``compute()`` saved with ``key`` in ``path`` by rank 0 unless the file already holds that key; every rank then
-    reads it (a shared filesystem under several nodes)."""
-    if is_main and not _holds(path, key):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, **compute()}, tmp)
-        os.replace(tmp, path)
-        logger.info("cached %s", path)
-    barrier()
-    return torch.load(path, weights_only=True)
-
-
-def _holds(path: Path, key: dict) -> bool:
-    return path.is_file() and torch.load(path, weights_only=True, mmap=True)["key"] == key
-
-
 def _digest(items: list[str]) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
@@ -197,7 +178,7 @@ def cached_text_encoder(config: FinetuneConfig, ctx: DistributedContext, checkpo
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     path = Path(config.text.cache or Path(config.run.out_dir) / "text_cache.pt")
     key = {"base": str(checkpoint.root), "prompts": _digest(unique), "dtype": str(dtype)}
-    fresh = ctx.is_main and not _holds(path, key)
+    fresh = ctx.is_main and not holds_key(path, key)
     stream = {"auto": "auto", "yes": True, "no": False}[config.model.stream_t5] if fresh else True
     encoder = load_text_encoder(checkpoint, dtype=dtype, device=ctx.device, stream_t5=stream)
     cache = cached_file(path, key, functools.partial(t5_states, encoder, unique), ctx.is_main)

@@ -31,8 +31,9 @@ Inpainting (``model.mode="inpainting"``): the U-Net input is cat[x_t, keep, mask
 (:mod:`.initial_models`).
 
 Trained: the U-Net, the text projection and the null embedding, and T5 itself only when
-``text.train_t5`` (the small model, which has no pretrained T5). The MoVQ (``model.movq_path``) and
-the starting U-Net (``model.init_unet``) are read by the project's checkpoint reader, so they may
+``text.train_t5`` (off in the shipped configs: the small model's fresh T5 stays frozen at its random
+initialisation, which generalised to held-out colour×shape pairs better than a jointly trained one). The MoVQ
+(``model.movq_path``) and the starting U-Net (``model.init_unet``) are read by the project's checkpoint reader, so they may
 be any model folder, e.g. a MoVQ run's ``final/`` or ``kandinsky3/assets/tiny/base``. Outputs in
 ``run.out_dir``: ``config.json``, ``train.log``, ``log.csv``, ``samples/step_XXXXXX.png`` (EMA
 weights), ``checkpoint.pt``, ``tokenizer/`` (when trained here) and at the end ``final/``: the EMA
@@ -62,7 +63,7 @@ from ..models.text_encoder import TextEncoder, cut_length
 from ..models.unet import UNet
 from ..weights.loading import component_source, load_movq
 from ..weights.native import write_native
-from .checkpoint import CHECKPOINT, read_checkpoint, restore_training_state, save_checkpoint
+from .checkpoint import CHECKPOINT, cached_file, read_checkpoint, restore_training_state, save_checkpoint
 from .config import UNetTrainConfig
 from .distributed import (DistributedContext, barrier, cleanup_distributed, full_state_dict, load_optimizer_state,
                           no_sync, optimizer_state, setup_distributed, unsharded, wrap_model)
@@ -230,15 +231,15 @@ def _latent_cache(config: UNetTrainConfig, ctx: DistributedContext, images: Imag
            "movq_mtime": movq_file.stat().st_mtime_ns, "dataset": data.dataset, "num_samples": len(images),
            "data_seed": data.data_seed, "image_size": data.image_size, "data_root": data.data_root}
     path = Path(data.latent_cache) if data.latent_cache else Path(config.run.out_dir) / "latent_cache.pt"
-    if ctx.is_main and not (path.is_file() and torch.load(path, weights_only=True)["key"] == key):
+
+    def encode() -> dict[str, torch.Tensor]:
         start = time.perf_counter()
         parts = [movq.encode(images.batch(torch.arange(i, min(i + chunk, len(images))))[0].to(ctx.device)).float()
                  for i in range(0, len(images), chunk)]
-        torch.save({"key": key, "latents": torch.cat(parts).cpu()}, path)
-        logger.info("encoded %d images to latents in %.1f s (cached in %s)", len(images),
-                    time.perf_counter() - start, path)
-    barrier()
-    return torch.load(path, weights_only=True)["latents"].to(ctx.device)
+        logger.info("encoded %d images to latents in %.1f s", len(images), time.perf_counter() - start)
+        return {"latents": torch.cat(parts).cpu()}
+
+    return cached_file(path, key, encode, ctx.is_main)["latents"].to(ctx.device)
 
 
 # ------------------------------------------------------------------------------------ model

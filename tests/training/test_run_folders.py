@@ -19,7 +19,7 @@ from kandinsky3.data.shapes import ShapesDataset
 from kandinsky3.errors import UsageError
 from kandinsky3.training import run_log
 from kandinsky3.training.__main__ import main
-from kandinsky3.training.checkpoint import CHECKPOINT, save_checkpoint
+from kandinsky3.training.checkpoint import CHECKPOINT, cached_file, save_checkpoint
 from kandinsky3.training.config import config_to_dict
 from kandinsky3.training.run_log import TrainingLog
 from kandinsky3.training.train_movq import train_movq
@@ -231,3 +231,22 @@ def test_the_bundled_model_fine_tunes_with_the_shipped_config(tmp_path, monkeypa
     assert all(torch.equal(t5[key].float(), t5_bundled[key]) for key in t5_bundled)
     pipe = load_pipeline("text-to-image" if variant == "base" else "inpainting", out / "final")
     assert pipe.unet.config == bundled.unet.config
+
+
+def test_a_cache_file_is_written_into_new_folders_whole_and_reused_only_for_its_key(tmp_path):
+    """The inpainting stage names the base run's latent cache; a folder that does not exist yet is created (it used
+    to fail after encoding every image), and no temporary file is left beside the cache."""
+    path = tmp_path / "runs" / "not_yet" / "latent_cache.pt"
+    computed = []
+
+    def compute():
+        computed.append(len(computed))
+        return {"latents": torch.full((2, 4, 1, 1), float(len(computed)))}
+
+    first = cached_file(path, {"movq": "a"}, compute, is_main=True)
+    again = cached_file(path, {"movq": "a"}, compute, is_main=True)
+    other = cached_file(path, {"movq": "b"}, compute, is_main=True)
+    assert computed == [0, 1]
+    assert torch.equal(first["latents"], again["latents"]) and first["key"] == {"movq": "a"}
+    assert other["key"] == {"movq": "b"} and not torch.equal(other["latents"], first["latents"])
+    assert [p.name for p in path.parent.iterdir()] == ["latent_cache.pt"]
