@@ -216,7 +216,7 @@ def test_encoded_prompts_are_cached_per_text_encoder_lora_scale(engine, tiny_eng
     assert not np.array_equal(words, plain)  # encoding differs, so a cache hit on the plain one would show
     assert not np.array_equal(generate(engine, "a blue square <lora:words:0.5>")[0], words)
     assert np.array_equal(generate(engine, "a blue square <lora:words:1>")[0], words)
-    assert np.array_equal(generate(engine, "a blue square")[0], plain)
+    assert _same_but_rounding(generate(engine, "a blue square")[0], plain)  # loaded, not named: no LoRA
     encoder = engine.text_to_image.text_encoder
     cache = encoder.encode_tokens
     assert isinstance(cache, PromptCache)
