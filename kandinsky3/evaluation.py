@@ -451,7 +451,7 @@ def evaluate_inpainting(pipe, num_prompts: int = 200, *, image_size: int | None 
     pasted, raw = [], []
     for index, (prompt, image, mask) in enumerate(tqdm(cases, desc="inpainting", unit="prompt", disable=not progress)):
         generated = pipe(prompt, image, mask, seed=seed + index, progress=False, paste_back=False, **call_kwargs)[0]
-        kept = np.where(mask[:, :, None] > 0.5, np.asarray(generated), np.asarray(image))
+        kept = np.where(_mask_array(mask, mask.shape)[:, :, None], np.asarray(generated), np.asarray(image))
         raw.append(inpainting_score(prompt, image, generated, mask))
         pasted.append(inpainting_score(prompt, image, Image.fromarray(kept), mask))
 
