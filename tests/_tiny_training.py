@@ -14,7 +14,8 @@ import transformers.models.t5.modeling_t5  # noqa: F401  (imported before forked
 from kandinsky3.data.shapes import ShapesDataset
 from kandinsky3.models.movq import MoVQ, MoVQConfig
 from kandinsky3.models.unet import UNetConfig
-from kandinsky3.training.config import MoVQTrainConfig, UNetTrainConfig, apply_overrides, parse_config
+from kandinsky3.training.config import (MoVQTrainConfig, TextTrainConfig, UNetTrainConfig, apply_overrides,
+                                       parse_config)
 from kandinsky3.weights.native import write_native
 
 MOVQ = MoVQConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=32, norm_groups=4)
@@ -64,6 +65,21 @@ def movq_config(out_dir: Path, model: MoVQConfig, *overrides: str) -> MoVQTrainC
         "optim": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "grad_clip": 1.0},
         "schedule": {"max_steps": 4, "batch_size": 4, "grad_accum": 2, "warmup_steps": 2},
         "ema": {"decay": 0.9},
+    }
+    return parse_config(apply_overrides(data, overrides))
+
+
+def text_config(out_dir: Path, *overrides: str) -> TextTrainConfig:
+    """A tiny text pretraining run (4 steps of 8 captions) with ``section.key=value`` overrides."""
+    data = {
+        "trainer": "text",
+        "run": _run(out_dir),
+        "data": _data(),
+        "text": {"t5_config": T5, "tokenizer_dir": "", "tokenizer_vocab_size": 128,
+                 "max_length": 128},
+        "optim": {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "grad_clip": 1.0},
+        "schedule": {"max_steps": 4, "batch_size": 8, "grad_accum": 1, "warmup_steps": 0},
+        "ema": {"decay": 0.0},
     }
     return parse_config(apply_overrides(data, overrides))
 

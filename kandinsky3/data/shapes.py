@@ -25,6 +25,7 @@ stream. The caption grammar is documented in ``docs/captions.md``.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = [
     "SIZES", "SPLITS", "Placement", "Scene", "ShapeSpec", "ShapesDataset", "caption",
     "caption_with_spec", "check_image_size", "check_scene", "eval_prompts", "image_to_tensor",
     "layout", "parse_caption", "region_of", "render", "render_array", "sample_scene", "tensor_to_image",
+    "word_objects",
 ]
 
 # ------------------------------------------------------------------------------------------- vocabulary
@@ -428,18 +430,46 @@ def parse_caption(text: str) -> Scene:
     positions None (the positions it implies are ``RELATION_POSITIONS[relation]``). The parser is a
     little more permissive than the generator: a position may follow any object.
     """
+    return _parse(text)[0]
+
+
+def word_objects(text: str) -> tuple[list[str], list[ShapeSpec | None]]:
+    """The words of a caption and, for each, the object whose phrase it is in (``article [size] colour shape
+    [position]``) with every attribute the caption states, a relation's implied positions included; None for the
+    words outside object phrases (prefix, relation, background). Raises ValueError outside the grammar."""
+    scene, words, owners = _parse(text)
+    objects = list(scene.objects)
+    if scene.relation in RELATION_POSITIONS:
+        objects = [dataclasses.replace(obj, position=pos)
+                   for obj, pos in zip(objects, RELATION_POSITIONS[scene.relation])]
+    return words, [objects[k] if k >= 0 else None for k in owners]
+
+
+def _parse(text: str) -> tuple[Scene, list[str], list[int]]:
+    """(spec, words, owners): ``owners[i]`` is the index of the object whose phrase word i is in, or -1."""
     words = re.findall(r"[a-z]+", text.lower())
+    owners: list[int] = []
+
+    def advance(start: int, end: int, owner: int) -> int:
+        owners.extend([owner] * (end - start))
+        return end
+
     _, i = _match(words, 0, "prefix")
-    first, i = _parse_object(words, i, text)
+    advance(0, i, -1)
+    first, end = _parse_object(words, i, text)
+    i = advance(i, end, 0)
     objects = [first]
-    relation, i = _match(words, i, "relation")
+    relation, end = _match(words, i, "relation")
+    i = advance(i, end, -1)
     if relation is not None:
-        second, i = _parse_object(words, i, text)
+        second, end = _parse_object(words, i, text)
+        i = advance(i, end, 1)
         objects.append(second)
-    background, i = _match(words, i, "background")
+    background, end = _match(words, i, "background")
+    i = advance(i, end, -1)
     if i != len(words):
         raise ValueError(f"cannot parse caption {text!r}: unexpected words {' '.join(words[i:])!r}")
-    return Scene(objects=tuple(objects), background=background, relation=relation)
+    return Scene(objects=tuple(objects), background=background, relation=relation), words, owners
 
 
 # ------------------------------------------------------------------------------------------- dataset
@@ -472,6 +502,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     def scene(self, index: int) -> Scene:
         """Ground-truth scene of item ``index``."""
         return sample_scene(self._rng(index), self.split)
+
+    def caption(self, index: int) -> str:
+        """Caption of item ``index``, without rendering it (the placement draws are replayed, not drawn on)."""
+        rng = self._rng(index)
+        scene = sample_scene(rng, self.split)
+        layout(scene, rng)  # the same draws render_array makes before the caption's
+        return caption(scene, rng)
 
     def _generate(self, index: int) -> tuple[np.ndarray, str, Scene]:
         rng = self._rng(index)

@@ -3,7 +3,8 @@
     kandinsky3 train CONFIG.json [--resume] [--stage K] [section.key=value ...]
 
 The config's ``trainer`` picks the trainer: "movq" (:mod:`.train_movq`), "unet" (:mod:`.train_unet`),
-"finetune" (:mod:`.finetune`: LoRA or full fine-tuning of an existing model) or "recipe" (U-Net stages in order). Multi-process launches use torchrun; the commands are in
+"text" (:mod:`.train_text`: the small model's T5, on captions alone), "finetune" (:mod:`.finetune`: LoRA or full
+fine-tuning of an existing model) or "recipe" (U-Net stages in order). Multi-process launches use torchrun; the commands are in
 :mod:`kandinsky3.training.distributed`.
 """
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, read the config(s), set up logging and threads, run the trainer(s). Returns the exit status;
     a config that cannot be read or is invalid ends with one line on stderr and status 2."""
-    from .config import FinetuneConfig, MoVQTrainConfig, load_run_configs
+    from .config import FinetuneConfig, MoVQTrainConfig, TextTrainConfig, load_run_configs
     from .run_log import RUN_OUTPUTS, check_run_folder, setup_logging
 
     parser = build_parser()
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             from .train_movq import train_movq
 
             train_movq(config, resume=resume)
+        elif isinstance(config, TextTrainConfig):
+            from .train_text import train_text
+
+            train_text(config, resume=resume)
         elif isinstance(config, FinetuneConfig):
             from .finetune import finetune
 

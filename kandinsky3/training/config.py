@@ -1,4 +1,4 @@
-"""Run configs of the two trainers: nested frozen dataclasses, parsed once from JSON.
+"""Run configs of the trainers: nested frozen dataclasses, parsed once from JSON.
 
 A config file holds one object per section, and every key of every section must be present, except the
 few added after the first configs were written: those have a default that is the behaviour from before
@@ -13,6 +13,8 @@ run completely and a later change never changes what an old file means. The trai
      "model": {MoVQConfig}, "loss": {...}, "disc": {...}}                            -> MoVQTrainConfig
     {"trainer": "finetune", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
      "model": {...}, "lora": {...}, "text": {...}, "samples": {...}}                 -> FinetuneConfig
+    {"trainer": "text", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
+     "text": {...}}                                                                  -> TextTrainConfig
     {"trainer": "recipe", "notes": [...], "common": {...}, "stages": [{...}, ...]}   -> recipe_stages
 
 Model architectures are the ``to_dict`` form of :class:`~kandinsky3.models.unet_config.UNetConfig`
@@ -56,6 +58,8 @@ __all__ = [
     "FinetuneModelConfig",
     "LoraTrainConfig",
     "FinetuneTextConfig",
+    "TextModelConfig",
+    "TextTrainConfig",
     "TrainConfig",
     "parse_config",
     "load_config",
@@ -294,7 +298,7 @@ class DiscriminatorConfig:
 class TrainConfig:
     """The sections every run config has; each trainer's config adds its own after them."""
 
-    trainer: str  # "unet" | "movq"
+    trainer: str  # a key of TRAINERS
     run: RunConfig
     data: DataConfig
     optim: OptimConfig
@@ -397,8 +401,39 @@ class FinetuneConfig(TrainConfig):
             raise ValueError("run.fsdp shards full fine-tuning (lora.rank 0); a LoRA run trains a few MB and uses DDP")
 
 
+@dataclass(frozen=True, kw_only=True)
+class TextModelConfig:
+    """The T5 encoder of a text pretraining run (its tagging heads are not exported)."""
+
+    t5_config: dict  # transformers.T5Config fields of the encoder, as a U-Net run's text.t5_config
+    tokenizer_dir: str  # "" = <out_dir>/tokenizer, trained on the dataset captions when that folder has none
+    tokenizer_vocab_size: int
+    max_length: int  # token slots per caption incl. EOS, as the U-Net run's text.max_length
+
+    def __post_init__(self) -> None:
+        if not self.t5_config:
+            raise ValueError("text.t5_config must give the T5 encoder's fields (d_model, num_layers, ...)")
+        _at_least(self, 1, "tokenizer_vocab_size", "max_length")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextTrainConfig(TrainConfig):
+    """A text-only run (training.train_text): a fresh T5 encoder learns which object each caption word describes."""
+
+    text: TextModelConfig
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data.dataset != "shapes":
+            raise ValueError("the text trainer tags shapes captions (data.dataset='shapes'), got "
+                             f"{self.data.dataset!r}")
+        if self.run.fsdp or self.schedule.grad_accum != 1:
+            raise ValueError("the text trainer runs in one process without accumulation: run.fsdp false, "
+                             "schedule.grad_accum 1")
+
+
 TRAINERS: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "movq": MoVQTrainConfig,
-                                          "finetune": FinetuneConfig}
+                                          "finetune": FinetuneConfig, "text": TextTrainConfig}
 
 
 # ------------------------------------------------------------------------------------ JSON

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,7 +37,8 @@ from .distributed import barrier
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["initial_models", "text_encoder_for_run", "pretrained_text", "glide_init_state", "load_init_unet"]
+__all__ = ["initial_models", "text_encoder_for_run", "run_tokenizer", "fresh_t5_config", "pretrained_text",
+           "glide_init_state", "load_init_unet"]
 
 
 def initial_models(config: UNetTrainConfig, captions: list[str], out_dir: Path,
@@ -59,7 +61,7 @@ def text_encoder_for_run(config: UNetTrainConfig, captions: list[str], out_dir: 
     Fresh (``text.t5_config``): the tokenizer from ``text.tokenizer_dir`` (default ``out_dir/tokenizer``), trained
     on ``captions`` by rank 0 when the folder has none, and a new T5 whose vocabulary size is the tokenizer's.
     """
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
     text = config.text
     conditioning: dict[str, torch.Tensor] = {}
@@ -69,17 +71,8 @@ def text_encoder_for_run(config: UNetTrainConfig, captions: list[str], out_dir: 
         tokenizer = load_t5_tokenizer(source.tokenizer_folder)
         conditioning = source.conditioning
     else:
-        folder = Path(text.tokenizer_dir) if text.tokenizer_dir else out_dir / "tokenizer"
-        if is_main and not (folder / "tokenizer_config.json").is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            train_caption_tokenizer(captions, text.tokenizer_vocab_size).save_pretrained(str(folder))
-        barrier()
-        tokenizer = load_t5_tokenizer(folder)
-        fields = dict(text.t5_config)
-        if fields.setdefault("vocab_size", len(tokenizer)) < len(tokenizer):
-            raise ValueError(f"text.t5_config.vocab_size {fields['vocab_size']} < tokenizer size {len(tokenizer)}")
-        fields.update(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-        t5 = T5EncoderModel(T5Config(**fields))
+        tokenizer = run_tokenizer(text.tokenizer_dir, text.tokenizer_vocab_size, lambda: captions, out_dir, is_main)
+        t5 = T5EncoderModel(fresh_t5_config(text.t5_config, tokenizer))
     encoder = TextEncoder(t5, tokenizer, context_dim=config.model.unet.context_dim, max_length=text.max_length,
                           freeze_t5=not text.train_t5)
     if conditioning:
@@ -90,6 +83,30 @@ def text_encoder_for_run(config: UNetTrainConfig, captions: list[str], out_dir: 
         logger.info("text projection%s from %s", " and null embedding" if "null_embedding" in conditioning else "",
                     text.encoder_path)
     return encoder
+
+
+def run_tokenizer(tokenizer_dir: str, vocab_size: int, captions: Callable[[], list[str]], out_dir: Path,
+                  is_main: bool):
+    """The tokenizer of a fresh T5: read from ``tokenizer_dir`` (default ``out_dir/tokenizer``), trained on
+    ``captions()`` (called only then) and saved there first by rank 0 when the folder holds none."""
+    folder = Path(tokenizer_dir) if tokenizer_dir else out_dir / "tokenizer"
+    if is_main and not (folder / "tokenizer_config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        train_caption_tokenizer(captions(), vocab_size).save_pretrained(str(folder))
+    barrier()
+    return load_t5_tokenizer(folder)
+
+
+def fresh_t5_config(fields: dict, tokenizer, **extra):
+    """``T5Config`` of a fresh T5 from a run's ``t5_config`` fields (+ ``extra``) with the tokenizer's vocabulary
+    size (unless given, and then at least that) and the Flan-UL2 special ids (pad 0, EOS 1)."""
+    from transformers import T5Config
+
+    fields = {**fields, **extra}
+    if fields.setdefault("vocab_size", len(tokenizer)) < len(tokenizer):
+        raise ValueError(f"text.t5_config.vocab_size {fields['vocab_size']} < tokenizer size {len(tokenizer)}")
+    fields.update(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5Config(**fields)
 
 
 def pretrained_text(path: Path) -> TextSource:

@@ -1,5 +1,6 @@
 """Synthetic shapes dataset: determinism, splits, caption grammar, rendering and argument checks."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -31,6 +32,7 @@ from kandinsky3.data.shapes import (
     render_array,
     sample_scene,
     tensor_to_image,
+    word_objects,
 )
 
 
@@ -65,6 +67,7 @@ def test_scene_method_is_the_scene_behind_the_item():
         assert torch.equal(image_to_tensor(image), dataset[i][0]) and dataset[i][1] == text
         spec = parse_caption(text)
         assert [(o.colour, o.shape) for o in spec.objects] == [(o.colour, o.shape) for o in scene.objects]
+        assert dataset.caption(i) == text  # the caption alone, without rendering
 
 
 def test_eval_prompts_are_deterministic_and_not_the_training_stream():
@@ -142,6 +145,22 @@ def test_caption_uses_optional_attributes_and_all_phrasings():
 def test_caption_is_caption_with_spec_text():
     scene = _scenes(1)[0]
     assert caption(scene, np.random.default_rng(0)) == caption_with_spec(scene, np.random.default_rng(0))[0]
+
+
+def test_word_objects_give_each_word_of_an_object_phrase_its_stated_object():
+    rng = np.random.default_rng(12)
+    for scene in _scenes(2000, seed=12):
+        text, spec = caption_with_spec(scene, rng)
+        words, owners = word_objects(text)
+        assert words == text.split()
+        implied = shapes.RELATION_POSITIONS.get(spec.relation, (None, None))
+        expected = [dataclasses.replace(o, position=o.position or implied[k]) for k, o in enumerate(spec.objects)]
+        assert list(dict.fromkeys(o for o in owners if o is not None)) == expected  # caption order
+        phrase_words = {w for w, o in zip(words, owners) if o is not None}
+        assert {obj.colour for obj in spec.objects} <= phrase_words and "background" not in phrase_words
+    words, owners = word_objects("a picture of a red circle above a small blue square on a pink background")
+    assert owners[:3] == [None] * 3 and owners[3].position == "top" and owners[-1] is None
+    assert owners[words.index("square")] == ShapeSpec(shape="square", colour="blue", size="small", position="bottom")
 
 
 @pytest.mark.parametrize(
