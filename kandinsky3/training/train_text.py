@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.shapes import OBJECT_COLOURS, POSITIONS, SHAPES, SIZES, caption, eval_prompts, sample_scene, word_objects
+from ..errors import UsageError
 from .checkpoint import CHECKPOINT, read_checkpoint, restore_training_state, save_checkpoint
 from .config import TextTrainConfig
 from .ema import EMA
@@ -58,6 +60,8 @@ IGNORE = -100  # label of a token that is not scored
 
 def train_text(config: TextTrainConfig, *, resume: bool = False) -> Path:
     """Run (or, with ``resume``, continue) a text pretraining run; returns ``run.out_dir``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("the text trainer runs in one process; start it without torchrun")
     check_run_folder(Path(config.run.out_dir), resume)
     out_dir = prepare_out_dir(config, is_main=True)
     device = torch.device("cuda" if config.run.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -31,8 +31,8 @@ Inpainting (``model.mode="inpainting"``): the U-Net input is cat[x_t, keep, mask
 (:mod:`.initial_models`).
 
 Trained: the U-Net, the text projection and the null embedding, and T5 itself only when
-``text.train_t5`` (off in the shipped configs: the small model's fresh T5 stays frozen at its random
-initialisation, which generalised to held-out colour×shape pairs better than a jointly trained one). The MoVQ
+``text.train_t5`` (off in the shipped configs: the small model's T5 is pretrained on the captions alone by
+:mod:`.train_text` and stays frozen here, as Kandinsky 3 keeps its Flan-UL2 frozen). The MoVQ
 (``model.movq_path``) and the starting U-Net (``model.init_unet``) are read by the project's checkpoint reader, so they may
 be any model folder, e.g. a MoVQ run's ``final/`` or ``kandinsky3/assets/tiny/base``. Outputs in
 ``run.out_dir``: ``config.json``, ``train.log``, ``log.csv``, ``samples/step_XXXXXX.png`` (EMA

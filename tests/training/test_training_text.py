@@ -9,6 +9,7 @@ from torch import nn
 
 from _tiny_training import text_config, unet_config
 from kandinsky3.data.shapes import HELD_OUT_PAIRS, eval_prompts, parse_caption
+from kandinsky3.errors import UsageError
 from kandinsky3.training.checkpoint import load_checkpoint
 from kandinsky3.training.config import apply_overrides, config_to_dict, parse_config
 from kandinsky3.training.initial_models import pretrained_text, text_encoder_for_run
@@ -86,7 +87,8 @@ class _Oracle(nn.Module):
 def test_tagging_accuracy_counts_captions_with_every_tag_right(wrong):
     tagging = Tagging(load_t5_tokenizer(BUNDLED_TOKENIZER), max_length=128)
     captions = [text for text, _ in eval_prompts(20, "heldout")]
-    assert tagging_accuracy(_Oracle(tagging, captions, wrong), tagging, "heldout", 20) == pytest.approx((20 - wrong) / 20)
+    accuracy = tagging_accuracy(_Oracle(tagging, captions, wrong), tagging, "heldout", 20)
+    assert accuracy == pytest.approx((20 - wrong) / 20)
 
 
 def test_a_run_learns_and_exports_a_t5_folder_a_unet_run_starts_from(tmp_path):
@@ -120,6 +122,10 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
             torch.testing.assert_close(b[part][key], value, rtol=0, atol=0)
 
 
-def test_the_text_trainer_refuses_folder_data():
+def test_the_text_trainer_refuses_folder_data_and_several_processes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="shapes captions"):
         text_config(".", "data.dataset=folder", "data.data_root=x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="one process"):
+        train_text(text_config(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
