@@ -97,12 +97,12 @@ def run_tokenizer(tokenizer_dir: str, vocab_size: int, captions: Callable[[], li
     return load_t5_tokenizer(folder)
 
 
-def fresh_t5_config(fields: dict, tokenizer, **extra):
-    """``T5Config`` of a fresh T5 from a run's ``t5_config`` fields (+ ``extra``) with the tokenizer's vocabulary
-    size (unless given, and then at least that) and the Flan-UL2 special ids (pad 0, EOS 1)."""
+def fresh_t5_config(fields: dict, tokenizer):
+    """``T5Config`` of a fresh T5 from a run's ``t5_config`` fields with the tokenizer's vocabulary size (unless
+    given, and then at least that) and the Flan-UL2 special ids (pad 0, EOS 1)."""
     from transformers import T5Config
 
-    fields = {**fields, **extra}
+    fields = dict(fields)
     if fields.setdefault("vocab_size", len(tokenizer)) < len(tokenizer):
         raise ValueError(f"text.t5_config.vocab_size {fields['vocab_size']} < tokenizer size {len(tokenizer)}")
     fields.update(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
