@@ -510,6 +510,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         layout(scene, rng)  # the same draws render_array makes before the caption's
         return caption(scene, rng)
 
+    def placements(self, index: int) -> tuple[Placement, ...]:
+        """Where item ``index``'s objects are drawn (anchor and scale, fractions of the side), without rendering."""
+        rng = self._rng(index)
+        return layout(sample_scene(rng, self.split), rng)
+
     def _generate(self, index: int) -> tuple[np.ndarray, str, Scene]:
         rng = self._rng(index)
         scene = sample_scene(rng, self.split)

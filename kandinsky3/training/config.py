@@ -132,6 +132,9 @@ class UNetDataConfig(DataConfig):
     cache_latents: bool  # encode each dataset image once (frozen MoVQ); in-memory (shapes) data only
     latent_cache: str  # cache file; "" = <out_dir>/latent_cache.pt (reused when its key matches)
     mask_coverage: tuple[float, float]  # inpainting: range of the repaint-area fraction of the random masks
+    # inpainting: fraction of the masks drawn around one whole object of the image (shapes data, which knows
+    # where its objects are) instead of random shapes (training.inpainting_masks)
+    object_masks: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,6 +146,11 @@ class UNetDataConfig(DataConfig):
         low, high = self.mask_coverage
         if not 0.0 < low <= high < 1.0:
             raise ValueError(f"data.mask_coverage must satisfy 0 < low <= high < 1, got {self.mask_coverage}")
+        if not 0.0 <= self.object_masks <= 1.0:
+            raise ValueError(f"data.object_masks must be in [0, 1], got {self.object_masks}")
+        if self.object_masks and self.dataset != "shapes":
+            raise ValueError("data.object_masks needs dataset='shapes' (a folder dataset does not say where its "
+                             "objects are)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -385,7 +393,7 @@ class FinetuneTextConfig:
 class FinetuneConfig(TrainConfig):
     """A fine-tuning run (training.finetune): a LoRA, or every U-Net weight, from an existing model on your images.
 
-    ``data`` is the U-Net run's section (``mask_coverage`` unused); latents are always cached."""
+    ``data`` is the U-Net run's section (``mask_coverage`` and ``object_masks`` unused); latents are always cached."""
 
     data: UNetDataConfig
     model: FinetuneModelConfig

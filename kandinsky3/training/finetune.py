@@ -221,7 +221,8 @@ def training_set(config: FinetuneConfig, ctx: DistributedContext, images: ImageS
     ids, mask = text_encoder.tokenize(captions)
     width = cut_length(mask)
     sizes = list(config.data.resolution_buckets) or [None]
-    data = {k: v for k, v in config_to_dict(config.data).items() if k not in ("latent_cache", "mask_coverage")}
+    unused = ("latent_cache", "mask_coverage", "object_masks")
+    data = {k: v for k, v in config_to_dict(config.data).items() if k not in unused}
     key = {"base": base, "data": data, "captions": _digest(captions)}
     path = Path(config.data.latent_cache or Path(config.run.out_dir) / "latent_cache.pt")
 

@@ -34,6 +34,7 @@ __all__ = [
     "DatasetBatches",
     "ImageSource",
     "materialize_images",
+    "object_anchors",
     "training_images",
     "IMAGE_SUFFIXES",
 ]
@@ -214,3 +215,15 @@ def training_images(data: DataConfig, dataset: Dataset | None = None) -> ImageSo
     demand (a folder)."""
     source = dataset if dataset is not None else build_dataset(data)
     return materialize_images(source) if dataset is not None or data.dataset == "shapes" else DatasetBatches(source)
+
+
+def object_anchors(data: DataConfig, dataset: Dataset | None = None) -> list[tuple[tuple[float, float, float], ...]]:
+    """Where each item's objects are, as (x, y, r) fractions of the side (anchor and scale), for masks drawn around
+    them (inpainting ``data.object_masks``): ``dataset`` (tests) or the configured one must have ``placements(i)``,
+    as the shapes set does."""
+    source = dataset if dataset is not None else build_dataset(data)
+    placements = getattr(source, "placements", None)
+    if not callable(placements):
+        raise UsageError(f"data.object_masks needs a dataset that says where its objects are (placements(i)); "
+                         f"{type(source).__name__} does not")
+    return [tuple((p.x, p.y, p.r) for p in placements(i)) for i in range(len(source))]

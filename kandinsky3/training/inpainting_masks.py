@@ -10,6 +10,12 @@ ellipses and free-form brush strokes (a thick random polyline), and keeps the un
 fraction inside a stated range (default 5-60%): shapes are drawn for a target area, redrawn with
 rescaled sizes when the union misses the range, and as a last resort replaced by one rectangle of
 the target area. All randomness comes from the ``generator`` argument.
+
+Random shapes rarely cover a whole object, so a model trained on them alone learns to continue what the
+surroundings show more than to draw what the prompt names in an empty region — what a user asks for. With
+``object_fraction`` > 0, :func:`training_masks` gives that fraction of the samples an
+:func:`object_mask` instead: a rectangle or an ellipse that holds one object of the image entirely (the
+dataset must know where its objects are: the shapes set's ``placements``).
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["MaskSample", "random_mask", "random_masks", "SHAPE_KINDS"]
+__all__ = ["MaskSample", "object_mask", "random_mask", "random_masks", "training_masks", "SHAPE_KINDS"]
 
 SHAPE_KINDS = ("rectangle", "ellipse", "stroke")
 _MAX_TRIES = 8
+# object masks, in units of the object's scale r (every shape lies within 1.1 r of its anchor on each axis and
+# within 1.45 r of it): kind -> (half-extent range, how far the centre may move per unit of half-extent beyond the
+# object's reach, that reach) so the whole object stays inside
+_OBJECT_KINDS = {"rectangle": ((1.3, 2.2), 1.0, 1.15), "ellipse": ((1.5, 2.3), 0.5, 1.5)}
 
 
 class MaskSample(NamedTuple):
@@ -132,3 +142,41 @@ def random_masks(
 ) -> torch.Tensor:
     """(B,1,H,W) repaint masks, one per generator (1 = repaint)."""
     return torch.stack([random_mask(height, width, g, coverage).mask for g in generators])[:, None]
+
+
+def object_mask(height: int, width: int, anchor: tuple[float, float, float], generator: torch.Generator) -> MaskSample:
+    """(H,W) repaint mask around one object at ``anchor`` = (x, y, r), fractions of the width, height and side:
+    a rectangle of half-extents m·r (m in [1.3, 2.2] per axis) or an ellipse of semi-axes m·r (m in [1.5, 2.3]),
+    its centre moved at random by as much as keeps the whole object inside."""
+    x, y, r = anchor
+    side = min(height, width)
+    kind = ("rectangle", "ellipse")[int(_uniform(generator) * 2)]
+    margins, freedom, reach = _OBJECT_KINDS[kind]
+    halves, centre = [], []
+    for along, extent in ((x, width), (y, height)):
+        margin = _uniform(generator, *margins)
+        shift = _uniform(generator, -1.0, 1.0) * freedom * (margin - reach) * r * side
+        halves.append(margin * r * side)
+        centre.append(along * extent + shift)
+    ys, xs = _grid(height, width)
+    dx, dy = (xs - centre[0]) / halves[0], (ys - centre[1]) / halves[1]
+    inside = (dx.abs() <= 1.0) & (dy.abs() <= 1.0) if kind == "rectangle" else dx**2 + dy**2 <= 1.0
+    mask = inside.float()
+    return MaskSample(mask, (kind,), float(mask.mean()))
+
+
+def training_masks(
+    height: int, width: int, generators: list[torch.Generator], coverage: tuple[float, float] = (0.05, 0.6),
+    objects: list[tuple[tuple[float, float, float], ...]] | None = None, object_fraction: float = 0.0,
+) -> torch.Tensor:
+    """(B,1,H,W) repaint masks for a training batch, one per generator: an :func:`object_mask` around one of
+    ``objects[i]`` (the sample's (x, y, r) anchors) with probability ``object_fraction``, else a
+    :func:`random_mask`. With ``object_fraction`` 0 the draws are those of :func:`random_masks`."""
+    masks = []
+    for i, g in enumerate(generators):
+        if object_fraction > 0 and objects and objects[i] and _uniform(g) < object_fraction:
+            chosen = objects[i][int(_uniform(g) * len(objects[i]))]
+            masks.append(object_mask(height, width, chosen, g).mask)
+        else:
+            masks.append(random_mask(height, width, g, coverage).mask)
+    return torch.stack(masks)[:, None]

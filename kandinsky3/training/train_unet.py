@@ -27,7 +27,8 @@ from ``seeding.step_generator(seed, s)``, each process then taking its slice:
 Inpainting (``model.mode="inpainting"``): the U-Net input is cat[x_t, keep, masked latent]
 (9 channels, architecture §2.9) built by the inference pipeline's function
 (:func:`kandinsky3.conditioning.inpainting_channels`), with a random 1-3-shape mask per sample
-(:func:`.inpainting_masks.random_mask`); the U-Net starts from a base U-Net GLIDE-style
+(:func:`.inpainting_masks.random_mask`), or for a ``data.object_masks`` fraction a mask around one of the
+image's objects (:func:`.inpainting_masks.object_mask`); the U-Net starts from a base U-Net GLIDE-style
 (:mod:`.initial_models`).
 
 Trained: the U-Net, the text projection and the null embedding, and T5 itself only when
@@ -68,9 +69,9 @@ from .config import UNetTrainConfig
 from .distributed import (DistributedContext, barrier, cleanup_distributed, full_state_dict, load_optimizer_state,
                           no_sync, optimizer_state, setup_distributed, unsharded, wrap_model)
 from .ema import EMA
-from .image_datasets import ImageSource, MaterializedImages, training_images
+from .image_datasets import ImageSource, MaterializedImages, object_anchors, training_images
 from .initial_models import initial_models
-from .inpainting_masks import random_masks
+from .inpainting_masks import training_masks
 from .optim import autocast, build_optimizer, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
 from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, save_image_grid, unet_samples
@@ -135,7 +136,8 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
         # model: text encoder and U-Net (the same fresh weights on every rank, or init_unet), then the checkpoint
         unet, text_encoder = initial_models(config, captions, out_dir, ctx.is_main)
         raw = DiffusionModel(unet, text_encoder, min_snr_gamma=config.loss.min_snr_gamma).to(ctx.device)
-        data = prepare_training_set(config, ctx, images, captions, raw.text_encoder, movq)
+        objects = object_anchors(config.data, dataset) if config.data.object_masks else None
+        data = prepare_training_set(config, ctx, images, captions, raw.text_encoder, movq, objects)
         state = read_checkpoint(out_dir, config) if resume else None
         if state is not None:
             load_trained_state(raw, state["model"])
@@ -192,19 +194,21 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
 @dataclass(frozen=True)
 class TrainingSet:
     """The training set by dataset index, as the step reads it: token ids and 0/1 masks (N,n) of every caption
-    (n = longest caption + EOS), the images, and their latents (N,4,h,w) when cached (else None)."""
+    (n = longest caption + EOS), the images, their latents (N,4,h,w) when cached (else None), and where each
+    image's objects are ((x, y, r) per object) when inpainting masks are drawn around them (else None)."""
 
     images: ImageSource
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     latents: torch.Tensor | None
+    objects: list[tuple[tuple[float, float, float], ...]] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
 
 def prepare_training_set(config: UNetTrainConfig, ctx: DistributedContext, images: ImageSource, captions: list[str],
-                         text_encoder: TextEncoder, movq: MoVQ) -> TrainingSet:
+                         text_encoder: TextEncoder, movq: MoVQ, objects: list | None = None) -> TrainingSet:
     """Tokenise every caption once; encode every image once when the images are held in memory and
     ``data.cache_latents`` (the MoVQ is frozen and the data fixed)."""
     ids, masks = zip(*(text_encoder.tokenize(captions[i:i + 4096]) for i in range(0, len(captions), 4096)))
@@ -212,7 +216,8 @@ def prepare_training_set(config: UNetTrainConfig, ctx: DistributedContext, image
     width = cut_length(attention_mask)  # columns past the longest caption + 1 are never used
     cache = config.data.cache_latents and isinstance(images, MaterializedImages)
     latents = _latent_cache(config, ctx, images, movq) if cache else None
-    return TrainingSet(images, input_ids[:, :width].to(ctx.device), attention_mask[:, :width].to(ctx.device), latents)
+    return TrainingSet(images, input_ids[:, :width].to(ctx.device), attention_mask[:, :width].to(ctx.device), latents,
+                       objects)
 
 
 @torch.no_grad()
@@ -314,7 +319,9 @@ def micro_batch(config: UNetTrainConfig, data: TrainingSet, movq: MoVQ, draws: S
     if inpainting:
         positions = range(part.start, part.stop)
         generators = [sample_generator(config.run.seed, draws.step, position) for position in positions]
-        repaint = random_masks(images.shape[-2], images.shape[-1], generators, config.data.mask_coverage).to(device)
+        objects = [data.objects[i] for i in indices.tolist()] if data.objects is not None else None
+        repaint = training_masks(images.shape[-2], images.shape[-1], generators, config.data.mask_coverage,
+                                 objects, config.data.object_masks).to(device)
         extra = inpainting_channels(movq, images, repaint)
     return x0, data.input_ids[rows], data.attention_mask[rows], extra
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _tiny_models import randomize_
@@ -12,7 +13,11 @@ from _tiny_training import UNET, one_thread
 
 from kandinsky3.models.unet import UNet
 from kandinsky3.training.initial_models import glide_init_state, load_init_unet
-from kandinsky3.training.inpainting_masks import SHAPE_KINDS, random_mask, random_masks
+from kandinsky3.data.shapes import COLOURS, ShapesDataset
+from kandinsky3.errors import UsageError
+from kandinsky3.training.config import load_config
+from kandinsky3.training.image_datasets import object_anchors
+from kandinsky3.training.inpainting_masks import SHAPE_KINDS, object_mask, random_mask, random_masks, training_masks
 
 _single_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -68,6 +73,64 @@ def test_random_mask_is_a_function_of_the_generator():
 def test_random_mask_rejects_a_bad_range():
     with pytest.raises(ValueError, match="low <= high"):
         random_mask(32, 32, torch.Generator(), (0.5, 0.2))
+
+
+def test_object_masks_hold_their_whole_object():
+    """Around each object of 60 shapes images: a rectangle holds the square of half-side 1.1 r round the anchor
+    (every shape lies in it), an ellipse the disc of radius 1.45 r (the same); in one-object images the mask holds
+    every pixel that differs from the background; it is never over 60 % of the image."""
+    data = ShapesDataset(60, image_size=64, seed=3)
+    anchors = object_anchors(None, data)
+    assert anchors[0] == tuple((p.x, p.y, p.r) for p in data.placements(0))
+    ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    kinds, single = set(), 0
+    for i, objects in enumerate(anchors):
+        image, _, scene = data.example(i)
+        for k, (x, y, r) in enumerate(objects):
+            sample = object_mask(64, 64, (x, y, r), torch.Generator().manual_seed(100 * i + k))
+            kinds.add(sample.kinds)
+            dx, dy = (xs - x * 64) / (r * 64), (ys - y * 64) / (r * 64)
+            hull = (dx**2 + dy**2 <= 1.45**2) if sample.kinds == ("ellipse",) else (dx.abs() <= 1.1) & (dy.abs() <= 1.1)
+            assert bool(sample.mask[hull].all()), (i, k, sample.kinds)
+            assert 0 < sample.coverage <= 0.6
+            if len(objects) == 1:
+                single += 1
+                background = np.array(COLOURS[scene.background])
+                drawn = torch.from_numpy((np.asarray(image) != background).any(-1))
+                assert drawn.any() and bool(sample.mask[drawn].all()), i
+    assert kinds == {("rectangle",), ("ellipse",)} and single >= 10
+
+
+def test_training_masks_mix_object_and_random_masks():
+    """object_fraction 0 draws exactly random_masks' masks; 1 only object masks (each holds one of its sample's
+    anchors); 0.5 the object masks of 1 for about half the samples (the same draws) and random masks for the
+    rest. A dataset that does not say where its objects are cannot give anchors."""
+    anchors = [((0.25, 0.25, 0.1),), ((0.7, 0.6, 0.15), (0.3, 0.3, 0.08))] * 20
+    generators = lambda: [torch.Generator().manual_seed(s) for s in range(40)]  # noqa: E731
+    plain = random_masks(64, 64, generators(), COVERAGE)
+    assert torch.equal(training_masks(64, 64, generators(), COVERAGE, anchors, 0.0), plain)
+    only = training_masks(64, 64, generators(), COVERAGE, anchors, 1.0)
+    for mask, objects in zip(only[:, 0], anchors):
+        assert any(mask[int(y * 64), int(x * 64)] == 1 for x, y, _ in objects)
+    mixed = training_masks(64, 64, generators(), COVERAGE, anchors, 0.5)
+    from_objects = sum(torch.equal(m, o) for m, o in zip(mixed, only))
+    assert 10 <= from_objects <= 30
+    assert not any(torch.equal(m, p) for m, p in zip(mixed, plain))  # the choice is drawn first
+    with pytest.raises(UsageError, match="placements"):
+        object_anchors(None, [(torch.zeros(3, 8, 8), "a red circle")])
+
+
+def test_object_masks_need_the_shapes_dataset(tmp_path):
+    config = json.loads(Path("configs/small_inpainting.json").read_text())
+    config["data"].update(dataset="folder", data_root=str(tmp_path), object_masks=0.5)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="object_masks needs dataset='shapes'"):
+        load_config(path)
+    config["data"].update(dataset="shapes", object_masks=1.5)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"object_masks must be in \[0, 1\]"):
+        load_config(path)
 
 
 def test_glide_init_reproduces_the_base_model_whatever_the_extra_channels():

@@ -94,7 +94,8 @@ def test_cfg_dropout_trains_the_null_embedding():
 def test_unet_resume_continues_exactly(tmp_path, mode):
     """4 uninterrupted steps == 2 steps, checkpoint, new objects, resume, 2 steps: trained weights, EMA and
     optimizer state agree to 1e-6 (deterministic CPU kernels: measured exactly 0). Inpainting starts from
-    the base run's exported model folder (GLIDE init) and draws masks per step; the T5 there is frozen."""
+    the base run's exported model folder (GLIDE init) and draws masks per step, half of them around objects; the T5
+    there is frozen."""
     movq = movq_dir(tmp_path / "movq")
     extra: list[str] = []
     if mode == "inpainting":
@@ -102,7 +103,7 @@ def test_unet_resume_continues_exactly(tmp_path, mode):
         final = tmp_path / "base" / "final"
         extra = ["model.mode=inpainting", "model.unet.num_channels=9", f"model.init_unet={final}",
                  f"text.encoder_path={final}", "text.t5_config={}", "text.train_t5=false", "optim.name=lion",
-                 "optim.lr=1e-4"]
+                 "optim.lr=1e-4", "data.object_masks=0.5"]
     if mode == "min-snr-cosine":  # the lr and the loss weights are pure functions of the step and the draws
         extra = ["loss.min_snr_gamma=5", "schedule.lr_decay=cosine", "schedule.warmup_steps=1"]
     # the uninterrupted run also writes a sample grid (EMA weights swapped in and out): training must not notice
