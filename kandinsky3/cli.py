@@ -435,8 +435,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, help="w; None = the model's default")
     parser.add_argument("--inpainting", action="store_true", help="also evaluate the inpainting variant")
     parser.add_argument("--seed", type=int, default=0, help="base seed")
-    parser.add_argument("--prompt-seed", type=int, default=1234,
-                        help="which evaluation prompts; tune settings on another than the one you report")
+    parser.add_argument("--prompt-seed", type=int, default=None,
+                        help="which evaluation prompts; None = the model card's (1234 for text-to-image, 2024 for "
+                             "inpainting); tune settings on another seed than the one you report")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(run=run_eval)
 
@@ -448,21 +449,20 @@ def run_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     fp32 = LoadOptions(dtype="fp32")  # the report's figures are fp32 figures on every machine
     pipe = load_pipeline("text-to-image", args.model, device="cpu", options=fp32)
-    options = dict(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale)
-    progress = not args.no_progress
+    options = dict(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
+                   seed=args.seed, progress=not args.no_progress)
+    prompts = {} if args.prompt_seed is None else {"prompt_seed": args.prompt_seed}
     results = {
-        "text_to_image": evaluation.evaluate_text_to_image(pipe, args.num_prompts, seed=args.seed, progress=progress,
-                                                       prompt_seed=args.prompt_seed, **options),
+        "text_to_image": evaluation.evaluate_text_to_image(pipe, args.num_prompts, **prompts, **options),
         "movq_psnr": evaluation.movq_psnr(pipe.movq),
     }
     if args.inpainting:
         inpaint = load_pipeline("inpainting", args.model, device="cpu", options=fp32)
-        report = evaluation.evaluate_inpainting(inpaint, args.num_prompts, seed=args.seed, steps=args.steps,
-                                                progress=progress)
+        report = evaluation.evaluate_inpainting(inpaint, args.num_prompts, **prompts, **options)
         raw = report.pop("before_paste_back")
         results["inpainting"], results["inpainting_before_paste_back"] = report, raw
     print(json.dumps(results, indent=2))
-    print(f"evaluated in {time.perf_counter() - start:.1f} s")
+    print(f"evaluated in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 

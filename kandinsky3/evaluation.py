@@ -432,9 +432,10 @@ def _inpainting_case(caption: str, scene: Scene, image_size: int) -> tuple[str, 
 
 
 def evaluate_inpainting(pipe, num_prompts: int = 200, *, image_size: int | None = None, seed: int = 0,
-                        progress: bool = False, **call_kwargs: Any) -> dict:
+                        progress: bool = False, prompt_seed: int = 2024, **call_kwargs: Any) -> dict:
     """Object-in-mask rate and unchanged-outside rate over one-object evaluation scenes of ``image_size`` pixels
-    (default: the model's size); ``progress``: a progress bar (on stderr).
+    (default: the model's size); ``progress``: a progress bar (on stderr); ``prompt_seed``: which scenes (tune
+    settings on another seed than the reported one).
 
     Each case is generated once, without paste-back: ``before_paste_back`` holds the network's own figures, and the
     top-level figures are those of the same images with the kept pixels pasted back, which is what the pipeline's
@@ -444,7 +445,7 @@ def evaluate_inpainting(pipe, num_prompts: int = 200, *, image_size: int | None 
         raise ValueError("evaluate_inpainting reports both with and without paste-back; do not pass paste_back")
     image_size = image_size or pipe.sampling_defaults.width
     cases = []
-    candidates = eval_prompts(4 * num_prompts, "seen", seed=2024)
+    candidates = eval_prompts(4 * num_prompts, "seen", seed=prompt_seed)
     for caption, scene in candidates:
         if len(scene.objects) == 1 and len(cases) < num_prompts:
             cases.append(_inpainting_case(caption, scene, image_size))

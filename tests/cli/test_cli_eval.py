@@ -42,3 +42,31 @@ def test_eval_inpainting_reports_the_drift_before_paste_back_too(monkeypatch, ca
     report = json.loads(out[:out.rindex("}") + 1])
     assert report["inpainting"]["outside_mad"] == 0.0 and report["inpainting"]["num_prompts"] == 2
     assert report["inpainting_before_paste_back"]["outside_mad"] > 0.0
+
+
+def test_eval_passes_the_settings_to_both_reports_and_prints_json_only(monkeypatch, capsys):
+    """--guidance-scale, --sampler, --steps, --seed and --prompt-seed reach the text-to-image and the inpainting
+    evaluation alike; without --prompt-seed each uses its own reported prompt set; stdout is one JSON document."""
+    import json
+
+    calls = {}
+
+    def fake(name):
+        def run(pipe, num_prompts, **kwargs):
+            calls[name] = kwargs
+            return {"num_prompts": num_prompts, "before_paste_back": {}} if name == "inpainting" else {}
+        return run
+
+    monkeypatch.setattr(command, "set_threads", lambda: None)
+    monkeypatch.setattr(evaluation, "movq_psnr", lambda movq: 0.0)
+    monkeypatch.setattr(evaluation, "evaluate_text_to_image", fake("text_to_image"))
+    monkeypatch.setattr(evaluation, "evaluate_inpainting", fake("inpainting"))
+    flags = ["--guidance-scale", "1.5", "--sampler", "ddim", "--steps", "7", "--seed", "3", "--no-progress"]
+    assert cli.main(["eval", "--inpainting", "--prompt-seed", "99", *flags]) == 0
+    json.loads(capsys.readouterr().out)
+    for kwargs in calls.values():
+        assert kwargs == {"guidance_scale": 1.5, "sampler": "ddim", "steps": 7, "seed": 3, "progress": False,
+                          "prompt_seed": 99}
+    assert cli.main(["eval", "--inpainting", *flags]) == 0
+    assert set(calls) == {"text_to_image", "inpainting"}
+    assert all("prompt_seed" not in kwargs for kwargs in calls.values())

@@ -46,7 +46,7 @@ def test_parameters_record_the_models_choices_when_the_flags_leave_them_open(cli
     assert result.returncode == 0, result.stderr
     parameters = parse_parameters(read_parameters(out))
     assert (parameters["Sampler"], parameters["Steps"], parameters["CFG scale"], parameters["Size"]) == (
-        "original", "50", "3.0", "128x128")
+        "original", "50", "1.5", "128x128")
 
 
 def test_seed_defaults_to_a_random_one_that_is_printed_written_and_reproducible(cli, model, tmp_path):

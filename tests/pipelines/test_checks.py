@@ -76,7 +76,7 @@ def test_check_generation_fills_in_the_models_defaults(tiny_facts):
     request = check_generation("text-to-image", tiny_facts, prompt=["a", "b"], num_images_per_prompt=2)
     assert isinstance(request, GenerationRequest)
     assert (request.width, request.height) == (128, 128)
-    assert (request.sampler, request.steps, request.guidance_scale, request.eta) == ("original", 50, 3.0, 1.0)
+    assert (request.sampler, request.steps, request.guidance_scale, request.eta) == ("original", 50, 1.5, 1.0)
     assert request.batch.prompts == ["a", "a", "b", "b"] and request.num_images == 4
     assert isinstance(request.seed, int) and 0 <= request.seed < 2**31  # drawn, so it can be recorded
     assert len(request.plan.timesteps) == 50 and request.output_type == "pil" and request.peak_bytes > 0

@@ -191,7 +191,9 @@ def test_leaving_before_the_end_cancels_the_job(monkeypatch):
 def test_settings_come_from_the_bundled_models_defaults(tiny_engine):
     settings = ui.settings_for(tiny_engine.text_to_image, inpainting=False, max_batch=4)
     assert (settings.width, settings.height, settings.size_step) == (128, 128, 64)
-    assert (settings.steps, settings.guidance_scale, settings.sampler) == (50, 3.0, "original")
+    recorded = tiny_engine.text_to_image.sampling_defaults
+    assert (settings.steps, settings.guidance_scale, settings.sampler) == (50, recorded.guidance_scale, "original")
+    assert recorded.guidance_scale == 1.5
     assert settings.samplers == ("original", "original30", "ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
     assert settings.img2img_samplers == ("original", "ddpm", "ddim")
     assert settings.inpainting is False and settings.max_batch == 4

@@ -94,8 +94,8 @@ def test_sampling_defaults_round_trip_and_reject_bad_values():
 
 def test_bundled_tiny_models_record_their_128px_training_size():
     base, inpainting = open_checkpoint(TINY_MODEL / "base"), open_checkpoint(TINY_MODEL / "inpainting")
-    assert base.sampling_defaults == SamplingDefaults(128, 128, guidance_scale=3.0, steps=50, sampler="original")
-    assert inpainting.sampling_defaults == SamplingDefaults(128, 128, guidance_scale=4.0, steps=50,
+    assert base.sampling_defaults == SamplingDefaults(128, 128, guidance_scale=1.5, steps=50, sampler="original")
+    assert inpainting.sampling_defaults == SamplingDefaults(128, 128, guidance_scale=1.5, steps=50,
                                                             sampler="original")
     assert load_components(TINY_MODEL / "base", components=("movq",)).sampling_defaults == base.sampling_defaults
 
