@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["MaskSample", "object_mask", "random_mask", "random_masks", "training_masks", "SHAPE_KINDS"]
+__all__ = ["MaskSample", "object_mask", "random_mask", "training_masks", "SHAPE_KINDS"]
 
 SHAPE_KINDS = ("rectangle", "ellipse", "stroke")
 _MAX_TRIES = 8
@@ -137,13 +137,6 @@ def random_mask(
     return MaskSample(mask, ("rectangle",), actual)
 
 
-def random_masks(
-    height: int, width: int, generators: list[torch.Generator], coverage: tuple[float, float] = (0.05, 0.6)
-) -> torch.Tensor:
-    """(B,1,H,W) repaint masks, one per generator (1 = repaint)."""
-    return torch.stack([random_mask(height, width, g, coverage).mask for g in generators])[:, None]
-
-
 def object_mask(height: int, width: int, anchor: tuple[float, float, float], generator: torch.Generator) -> MaskSample:
     """(H,W) repaint mask around one object at ``anchor`` = (x, y, r), fractions of the width, height and side:
     a rectangle of half-extents m·r (m in [1.3, 2.2] per axis) or an ellipse of semi-axes m·r (m in [1.5, 2.3]),
@@ -171,7 +164,7 @@ def training_masks(
 ) -> torch.Tensor:
     """(B,1,H,W) repaint masks for a training batch, one per generator: an :func:`object_mask` around one of
     ``objects[i]`` (the sample's (x, y, r) anchors) with probability ``object_fraction``, else a
-    :func:`random_mask`. With ``object_fraction`` 0 the draws are those of :func:`random_masks`."""
+    :func:`random_mask`. With ``object_fraction`` 0 every mask is ``random_mask(height, width, generator, coverage)``."""
     masks = []
     for i, g in enumerate(generators):
         if object_fraction > 0 and objects and objects[i] and _uniform(g) < object_fraction:

@@ -17,7 +17,7 @@ from kandinsky3.data.shapes import COLOURS, ShapesDataset
 from kandinsky3.errors import UsageError
 from kandinsky3.training.config import load_config
 from kandinsky3.training.image_datasets import object_anchors
-from kandinsky3.training.inpainting_masks import SHAPE_KINDS, object_mask, random_mask, random_masks, training_masks
+from kandinsky3.training.inpainting_masks import SHAPE_KINDS, object_mask, random_mask, training_masks
 
 _single_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -65,7 +65,7 @@ def test_random_mask_is_a_function_of_the_generator():
     c = random_mask(48, 64, torch.Generator().manual_seed(8))
     assert torch.equal(a.mask, b.mask) and a.kinds == b.kinds
     assert not torch.equal(a.mask, c.mask)
-    batch = random_masks(48, 64, [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
+    batch = training_masks(48, 64, [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
     assert batch.shape == (2, 1, 48, 64)
     assert torch.equal(batch[0, 0], a.mask) and torch.equal(batch[1, 0], c.mask)
 
@@ -102,12 +102,12 @@ def test_object_masks_hold_their_whole_object():
 
 
 def test_training_masks_mix_object_and_random_masks():
-    """object_fraction 0 draws exactly random_masks' masks; 1 only object masks (each holds one of its sample's
+    """object_fraction 0 draws exactly random_mask's masks; 1 only object masks (each holds one of its sample's
     anchors); 0.5 the object masks of 1 for about half the samples (the same draws) and random masks for the
     rest. A dataset that does not say where its objects are cannot give anchors."""
     anchors = [((0.25, 0.25, 0.1),), ((0.7, 0.6, 0.15), (0.3, 0.3, 0.08))] * 20
     generators = lambda: [torch.Generator().manual_seed(s) for s in range(40)]  # noqa: E731
-    plain = random_masks(64, 64, generators(), COVERAGE)
+    plain = torch.stack([random_mask(64, 64, g, COVERAGE).mask for g in generators()])[:, None]
     assert torch.equal(training_masks(64, 64, generators(), COVERAGE, anchors, 0.0), plain)
     only = training_masks(64, 64, generators(), COVERAGE, anchors, 1.0)
     for mask, objects in zip(only[:, 0], anchors):
