@@ -9,7 +9,7 @@ calls the Python API. The CLI only parses arguments, calls library functions and
     kandinsky3 convert SRC DST [--variant base|flash|inpainting] [--dtype fp16|bf16|fp32] [--components ...]
     kandinsky3 train CONFIG.json [--resume] [--stage K] [section.key=value ...]
     kandinsky3 finetune --model MODEL --data DIR --out FILE.safetensors [--rank 16] [--steps N] [--lr ...] [...]
-    kandinsky3 eval [--model tiny] [--num-prompts 200] [--inpainting]
+    kandinsky3 eval [--model tiny|PATH] [--num-prompts 200] [--inpainting [MODEL]] [--prompt-seed S]
 
 Every image is a PNG carrying its generation parameters (AUTOMATIC1111's "parameters" text, :mod:`kandinsky3.png_info`),
 written atomically and never over an existing file without ``--overwrite``. Everything that can be checked is checked
@@ -52,6 +52,7 @@ _DEFAULT_ETA = ", ".join(f"{name} {get_sampler(name).eta}" for name in SAMPLER_C
 _SIZE_HELP = ("a multiple of the model's size step (MoVQ × U-Net downsampling: 64 for the released models and the "
               "bundled tiny one)")
 _SEED_RANGE = 2**32  # random seeds are drawn from [0, 2**32), as AUTOMATIC1111 does
+_SAME_MODEL = "same"  # ``eval --inpainting`` without MODEL: --model's own inpainting weights
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -427,13 +428,15 @@ def run_img2img(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = _subparser(subparsers, "eval", "prompt-adherence report of a model trained on the synthetic shapes domain")
-    parser.add_argument("--model", default="tiny", help="'tiny' or a native/original checkpoint folder")
+    parser.add_argument("--model", default="tiny", help="'tiny' or a checkpoint folder; a folder holding an inpainting "
+                                                           "model gets the inpainting report alone")
     parser.add_argument("--num-prompts", type=int, default=200, help="prompts per split (seen, held-out)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps; None = the sampler's own")
-    parser.add_argument("--sampler", default="original", choices=SAMPLER_CHOICES,
-                        help="sampler")
+    parser.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES, help="sampler; None = the model's default")
     parser.add_argument("--guidance-scale", type=float, default=None, help="w; None = the model's default")
-    parser.add_argument("--inpainting", action="store_true", help="also evaluate the inpainting variant")
+    parser.add_argument("--inpainting", nargs="?", const=_SAME_MODEL, default=None, metavar="MODEL",
+                        help="also evaluate an inpainting model: MODEL, or without it --model's own inpainting "
+                             "weights (tiny's, or an original-layout folder's)")
     parser.add_argument("--seed", type=int, default=0, help="base seed")
     parser.add_argument("--prompt-seed", type=int, default=None,
                         help="which evaluation prompts; None = the model card's (1234 for text-to-image, 2024 for "
@@ -442,25 +445,47 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_eval)
 
 
+def _eval_models(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(text-to-image model, inpainting model) that ``kandinsky3 eval`` evaluates, None for a report it skips; each
+    is opened (headers only) here, so a wrong folder is refused before minutes of the other report."""
+    from kandinsky3.pipelines.load import resolve_model
+    from kandinsky3.weights import open_checkpoint
+
+    text_model = args.model
+    inpainting_model = args.model if args.inpainting == _SAME_MODEL else args.inpainting
+    if str(args.model) != "tiny" and open_checkpoint(args.model).variant == "inpainting":
+        if args.inpainting not in (None, _SAME_MODEL):
+            raise _usage(f"--model {args.model} is an inpainting model; --inpainting MODEL goes with a "
+                             "text-to-image --model")
+        text_model, inpainting_model = None, args.model
+    if inpainting_model is not None:
+        open_checkpoint(resolve_model(inpainting_model, "inpainting"), variant="inpainting")
+    return text_model, inpainting_model
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from kandinsky3 import evaluation
     from kandinsky3.pipelines import LoadOptions, load_pipeline
 
     start = time.perf_counter()
+    if args.num_prompts < 1:
+        raise _usage(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    text_model, inpainting_model = _eval_models(args)
     fp32 = LoadOptions(dtype="fp32")  # the report's figures are fp32 figures on every machine
-    pipe = load_pipeline("text-to-image", args.model, device="cpu", options=fp32)
     options = dict(steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
                    seed=args.seed, progress=not args.no_progress)
     prompts = {} if args.prompt_seed is None else {"prompt_seed": args.prompt_seed}
-    results = {
-        "text_to_image": evaluation.evaluate_text_to_image(pipe, args.num_prompts, **prompts, **options),
-        "movq_psnr": evaluation.movq_psnr(pipe.movq),
-    }
-    if args.inpainting:
-        inpaint = load_pipeline("inpainting", args.model, device="cpu", options=fp32)
+    results = {}
+    if text_model is not None:
+        pipe = load_pipeline("text-to-image", text_model, device="cpu", options=fp32)
+        results["text_to_image"] = evaluation.evaluate_text_to_image(pipe, args.num_prompts, **prompts, **options)
+        results["movq_psnr"] = evaluation.movq_psnr(pipe.movq)
+    if inpainting_model is not None:
+        inpaint = load_pipeline("inpainting", inpainting_model, device="cpu", options=fp32)
         report = evaluation.evaluate_inpainting(inpaint, args.num_prompts, **prompts, **options)
         raw = report.pop("before_paste_back")
         results["inpainting"], results["inpainting_before_paste_back"] = report, raw
+        results.setdefault("movq_psnr", evaluation.movq_psnr(inpaint.movq))
     print(json.dumps(results, indent=2))
     print(f"evaluated in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

@@ -70,3 +70,55 @@ def test_eval_passes_the_settings_to_both_reports_and_prints_json_only(monkeypat
     assert cli.main(["eval", "--inpainting", *flags]) == 0
     assert set(calls) == {"text_to_image", "inpainting"}
     assert all("prompt_seed" not in kwargs for kwargs in calls.values())
+
+
+def _fake_reports(monkeypatch, calls):
+    """Record which models each report ran on, without generating (the reports' own code is tested above)."""
+    def fake(name):
+        def run(pipe, num_prompts, **kwargs):
+            calls[name] = pipe.task
+            return {"num_prompts": num_prompts, "before_paste_back": {}} if name == "inpainting" else {}
+        return run
+
+    monkeypatch.setattr(command, "set_threads", lambda: None)
+    monkeypatch.setattr(evaluation, "movq_psnr", lambda movq: 0.0)
+    monkeypatch.setattr(evaluation, "evaluate_text_to_image", fake("text_to_image"))
+    monkeypatch.setattr(evaluation, "evaluate_inpainting", fake("inpainting"))
+
+
+def test_eval_reports_an_inpainting_folder_alone_and_pairs_folders_on_request(monkeypatch, capsys):
+    """A folder holding an inpainting model (a training run's export) gets the inpainting report alone;
+    ``--inpainting MODEL`` names the inpainting model that goes with a text-to-image folder."""
+    import json
+
+    from kandinsky3.pipelines.load import resolve_model
+
+    base, inpainting = resolve_model("tiny", "base"), resolve_model("tiny", "inpainting")
+    calls = {}
+    _fake_reports(monkeypatch, calls)
+    assert cli.main(["eval", "--model", str(inpainting), "--no-progress"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"inpainting", "inpainting_before_paste_back", "movq_psnr"}
+    assert calls == {"inpainting": "inpainting"}
+    calls.clear()
+    assert cli.main(["eval", "--model", str(base), "--inpainting", str(inpainting), "--no-progress"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) >= {"text_to_image", "inpainting"}
+    assert calls == {"text_to_image": "text-to-image", "inpainting": "inpainting"}
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--inpainting"], "holds the 'base' variant, but variant 'inpainting' was requested"),
+    (["--inpainting", "BASE"], "holds the 'base' variant, but variant 'inpainting' was requested"),
+    (["--model", "INPAINTING", "--inpainting", "INPAINTING"], "is an inpainting model; --inpainting MODEL goes with"),
+    (["--num-prompts", "0"], "--num-prompts must be at least 1"),
+])
+def test_eval_refuses_a_wrong_model_before_any_report_runs(monkeypatch, capsys, flags, said):
+    from kandinsky3.pipelines.load import resolve_model
+
+    folders = {"BASE": str(resolve_model("tiny", "base")), "INPAINTING": str(resolve_model("tiny", "inpainting"))}
+    calls = {}
+    _fake_reports(monkeypatch, calls)
+    model = [] if "--model" in flags else ["--model", folders["BASE"]]
+    assert cli.main(["eval", *model, *[folders.get(f, f) for f in flags]]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1, err
+    assert calls == {}
