@@ -338,6 +338,8 @@ def _load(name: str, where: Checkpoint | str | Path, variant: str, device: torch
                                     stream_t5=plan.stream_t5, t5_prefetch=options.t5_prefetch)
     if compute_dtype(network) != compute:
         compute_in(network, compute)
+    network.requires_grad_(False)  # a pipeline only infers; and a CPU layer picks its kernel by this flag, so a LoRA
+    # (whose inject/unload freezes the base) would otherwise move the output by float rounding even at scale 0
     if name == "movq" and device.type == "cpu":
         network.to(memory_format=torch.channels_last)  # decode_latents runs the CPU decoder channels-last
     return network

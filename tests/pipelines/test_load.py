@@ -130,6 +130,17 @@ def test_the_tiny_model_renders_at_its_own_size_through_the_api():
     assert pipe("a red circle", steps=2, seed=0, progress=False)[0].size == (128, 128)
 
 
+@pytest.mark.parametrize("offload", [None, "disk"])
+def test_a_loaded_pipeline_holds_frozen_weights(offload):
+    """Every weight of every component comes frozen, as the disk reloads too: a pipeline only infers, and a CPU layer
+    picks its kernel by ``requires_grad``, so anything that freezes them later (a LoRA's inject and unload) would
+    otherwise change the images by float rounding."""
+    pipe = load_pipeline("text-to-image", "tiny", device="cpu", options=LoadOptions(offload=offload))
+    pipe("a red circle", steps=1, seed=0, progress=False)  # a disk offload reads its components during the call
+    for name in ("unet", "movq", "text_encoder"):
+        assert not any(p.requires_grad for p in getattr(pipe, name).parameters()), name
+
+
 def test_the_layout_is_detected_once_per_call(original, monkeypatch):
     opened = []
     real = load.open_checkpoint
