@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FORMAT", "TARGET_GROUPS", "BaseIdentity", "LoraFile", "LoraSpec", "base_identity", "fuse_lora", "inject_lora",
     "load_lora", "lora_scales", "lora_state_dict", "parse_lora_option", "parse_prompt_loras", "read_lora",
-    "save_lora", "set_lora_scale", "unfuse_lora", "unload_lora",
+    "save_lora", "set_lora_scale", "unfuse_lora", "unload_lora", "with_prompt_lora",
 ]
 
 FORMAT, FORMAT_VERSION = "kandinsky3-lora", 1
@@ -437,6 +437,23 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             raise UsageError(f"LoRA tag {match.group(0)!r}: the scale must be a number") from None
         loras.append((name, value))
     return " ".join(_PROMPT_TAG.sub(" ", prompt).split()), loras
+
+
+def with_prompt_lora(prompt: str, name: str, scale: float = 1.0) -> str:
+    """``prompt`` naming LoRA ``name`` at ``scale``: the scale of its tag replaced where the prompt has one, else the
+    tag appended (what a click on a LoRA does in AUTOMATIC1111's web UI).
+
+    ``with_prompt_lora("a circle <lora:cyan:0.5>", "cyan", 1)`` → ``"a circle <lora:cyan:1>"``."""
+    if not name or set(name) & set("<>:"):
+        raise UsageError(f"a LoRA name for a prompt tag must be non-empty, without '<', '>' or ':', got {name!r}")
+    if not math.isfinite(scale):
+        raise UsageError(f"a LoRA scale must be a finite number, got {scale}")
+    tag = f"<lora:{name}:{scale:g}>"
+    named = [match for match in _PROMPT_TAG.finditer(prompt) if match.group(1).strip() == name]
+    if named:
+        first = named[0]
+        return prompt[:first.start()] + tag + prompt[first.end():]
+    return f"{prompt.rstrip()} {tag}".lstrip()
 
 
 def parse_lora_option(text: str) -> tuple[str, float]:

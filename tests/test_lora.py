@@ -279,6 +279,26 @@ def test_metadata_records_rank_alpha_targets_and_trigger_words(tmp_path):
     assert json.loads(metadata["trigger_words"]) == ["sks", "cyan"] and metadata["base_model"] == "tiny"
 
 
+@pytest.mark.parametrize("prompt, name, scale, expected", [
+    ("a red circle", "cyan", 1.0, "a red circle <lora:cyan:1>"),
+    ("a red circle  ", "cyan", 0.25, "a red circle <lora:cyan:0.25>"),
+    ("", "cyan", 1.0, "<lora:cyan:1>"),
+    ("a <lora:cyan:0.5> circle <lora:style>", "cyan", -1.5, "a <lora:cyan:-1.5> circle <lora:style>"),
+    ("a circle <lora:style>", "style", 0.7, "a circle <lora:style:0.7>"),
+    ("a circle <lora:style v2:1>", "style", 1.0, "a circle <lora:style v2:1> <lora:style:1>"),
+])
+def test_with_prompt_lora_sets_one_tag_and_parses_back(prompt, name, scale, expected):
+    assert lora.with_prompt_lora(prompt, name, scale) == expected
+    assert (name, scale) in lora.parse_prompt_loras(expected)[1]
+
+
+@pytest.mark.parametrize("name, scale, said", [("", 1.0, "non-empty"), ("a:b", 1.0, "without"),
+                                               ("x>", 1.0, "without"), ("x", float("nan"), "finite")])
+def test_with_prompt_lora_refuses_what_a_tag_cannot_hold(name, scale, said):
+    with pytest.raises(ValueError, match=said):  # a UsageError
+        lora.with_prompt_lora("a circle", name, scale)
+
+
 def test_parse_prompt_loras_strips_a1111_tags():
     assert lora.parse_prompt_loras("a cyan circle <lora:cyan:0.8> on the left <lora:style>") == (
         "a cyan circle on the left", [("cyan", 0.8), ("style", 1.0)])

@@ -1,8 +1,9 @@
 """The web UI of ``kandinsky3 serve``: a Gradio page at "/" for text-to-image, img2img and inpainting.
 
-The page talks to the server's job queue through :class:`UIBackend`, three calls: ``submit`` a
-:class:`UIRequest`, ``poll`` its :class:`JobStatus` (the sampler callback's step, then the images), ``cancel``
-it. While a job runs, the generate handler polls it a few times a second and redraws the progress bar; the
+The page talks to the server's job queue through :class:`UIBackend`: ``submit`` a :class:`UIRequest`, ``poll``
+its :class:`JobStatus` (the sampler callback's step, then the images), ``cancel`` it, and list the ``loras`` a
+prompt may name (the LoRA picker, shown when the server has ``--lora-dir``, writes their ``<lora:name:weight>`` tags
+into the prompt). While a job runs, the generate handler polls it a few times a second and redraws the progress bar; the
 Cancel button cancels the job of the browser session that pressed it. Gradio's own queue lets every event
 through (``concurrency_limit=None``), so the server's bounded queue is the only one a request waits in.
 
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..diffusion.registry import get_sampler, sampler_names
+from ..lora import with_prompt_lora
 from ..pipelines.checks import size_multiple
 
 if TYPE_CHECKING:
@@ -44,8 +46,9 @@ POLL_SECONDS = 0.2  # how often a running job's progress is read
 @dataclass(frozen=True)
 class UISettings:
     """What the form offers: the model's default size (pixels) and its size step, the default steps, guidance
-    and sampler, the sampler choices (all, and img2img's), whether an inpainting model is loaded, and the
-    server's limits on sides, steps and batch."""
+    and sampler, the sampler choices (all, and img2img's), whether an inpainting model is loaded, whether the
+    server offers LoRAs (``--lora-dir``: the page shows its LoRA picker), and the server's limits on sides, steps
+    and batch."""
 
     width: int = 1024
     height: int = 1024
@@ -56,6 +59,7 @@ class UISettings:
     samplers: tuple[str, ...] = sampler_names()
     img2img_samplers: tuple[str, ...] = sampler_names(for_img2img=True)
     inpainting: bool = True
+    loras: bool = False
     max_side: int = 2048
     max_steps: int = 150
     max_batch: int = 8
@@ -122,6 +126,10 @@ class UIBackend(Protocol):
     def poll(self, handle: Hashable) -> JobStatus: ...
 
     def cancel(self, handle: Hashable) -> None: ...
+
+    def loras(self, refresh: bool = False) -> list[str]:
+        """The names of the LoRAs a prompt may name with ``<lora:name:scale>``; ``refresh``: scan the folder again."""
+        ...
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -265,6 +273,28 @@ def _settings(prompts: tuple[Any, Any], settings: UISettings) -> _Form:
     return _Form(*prompts, width, height, steps, guidance, sampler, seed, batch)
 
 
+def _lora_picker(prompt: Any, backend: UIBackend) -> None:
+    """A LoRA list, a weight and "Add to prompt", which writes ``<lora:name:weight>`` into the prompt (replacing
+    that LoRA's weight if the prompt names it), as AUTOMATIC1111's LoRA cards do; ↻ scans the folder again. The tag
+    in the prompt is what applies the LoRA, so the prompt shows, and the image's parameters keep, what ran."""
+    names = backend.loras()
+    with gr.Row(equal_height=True):
+        choice = gr.Dropdown(names, value=names[0] if names else None, label="LoRA", scale=3, elem_id="lora")
+        weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA weight", scale=3, elem_id="lora-weight")
+        add = gr.Button("Add to prompt", scale=1, elem_id="lora-add")
+        refresh = gr.Button("↻", scale=0, min_width=40, elem_id="lora-refresh")
+
+    def add_tag(text: str, name: str | None, scale: float) -> str:
+        return with_prompt_lora(text or "", name, float(scale)) if name else gr.skip()
+
+    def rescan(current: str | None) -> Any:
+        found = backend.loras(refresh=True)
+        return gr.Dropdown(choices=found, value=current if current in found else (found[0] if found else None))
+
+    add.click(add_tag, inputs=[prompt, choice, weight], outputs=prompt, queue=False, api_visibility="private")
+    refresh.click(rescan, inputs=choice, outputs=choice, queue=False, api_visibility="private")
+
+
 def build_ui(backend: UIBackend, settings: UISettings = UISettings()) -> gr.Blocks:
     """The page: the shared form, one tab per mode with its Generate button, the progress bar, the gallery and a
     Cancel button, wired to ``backend``."""
@@ -275,6 +305,8 @@ def build_ui(backend: UIBackend, settings: UISettings = UISettings()) -> gr.Bloc
         with gr.Row():
             with gr.Column(scale=1):
                 prompts = _prompts()
+                if settings.loras:
+                    _lora_picker(prompts[0], backend)
                 with gr.Tabs():
                     with gr.Tab("Text to image", id="txt2img"):
                         txt2img = gr.Button("Generate", variant="primary", elem_id="generate")

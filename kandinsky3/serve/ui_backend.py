@@ -17,7 +17,7 @@ _TASKS = {"txt2img": "text-to-image", "img2img": "img2img", "inpaint": "inpainti
 
 class QueueBackend:
     """submit → the job itself as the handle; poll → :class:`JobStatus`; cancel → the job is dropped or
-    stopped."""
+    stopped; loras → the names of the engine's LoRA folder (scanned again on ``refresh``)."""
 
     def __init__(self, service: Service):
         self.service = service
@@ -53,3 +53,9 @@ class QueueBackend:
 
     def cancel(self, job: Job) -> None:
         job.cancel("cancelled from the web UI")
+
+    def loras(self, refresh: bool = False) -> list[str]:
+        library = self.service.engine.loras
+        if refresh:
+            library.refresh()
+        return [entry.name for entry in library.entries()]

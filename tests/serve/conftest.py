@@ -18,6 +18,21 @@ from kandinsky3.serve.app import ServerConfig, Service, create_app  # noqa: E402
 from kandinsky3.serve.engine import Engine, Limits  # noqa: E402
 
 
+def write_random_lora(path, unet, text_encoder, targets: tuple[str, ...], seed: int, base=None) -> None:
+    """A LoRA file for ``unet`` (or for ``base``, another identity) with random non-zero weights (peft starts B at
+    0, which would hide every mistake); the modules stay plain."""
+    import torch
+
+    from kandinsky3 import lora
+
+    spec = lora.LoraSpec(rank=4, alpha=4.0, targets=targets)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in lora.inject_lora(unet, text_encoder, spec, "made", trainable=True):
+            param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    lora.save_lora(path, unet, text_encoder, "made", spec=spec, base=base or lora.base_identity(unet, "tiny"),
+                   trigger_words=("sks",))
+    lora.unload_lora(unet, text_encoder)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import start_server, stop_server
+from conftest import start_server, stop_server, write_random_lora
 from kandinsky3 import lora
 from kandinsky3.errors import UsageError
 from kandinsky3.serve.app import ServerConfig, Service
@@ -33,30 +33,18 @@ pytest.importorskip("peft")
 QUICK = dict(steps=2, sampler="ddim", width=64, height=64, seed=11)
 
 
-def _write_lora(path, unet, text_encoder, targets: tuple[str, ...], seed: int, base=None) -> None:
-    """A LoRA file for ``unet`` (or for ``base``, another identity) with random weights; the modules stay plain."""
-    spec = lora.LoraSpec(rank=4, alpha=4.0, targets=targets)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in lora.inject_lora(unet, text_encoder, spec, "made", trainable=True):
-            param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    lora.save_lora(path, unet, text_encoder, "made", spec=spec, base=base or lora.base_identity(unet, "tiny"),
-                   trigger_words=("sks",))
-    lora.unload_lora(unet, text_encoder)
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Engine:
     """The tiny model serving a folder with three usable LoRAs and three files it must skip."""
     folder = tmp_path_factory.mktemp("loras")
     engine = Engine.load("tiny", device="cpu", lora_dir=folder)
     base, inpaint = engine.text_to_image, engine.inpainting
-    _write_lora(folder / "style.safetensors", base.unet, base.text_encoder, ("attention", "resnet"), 0)
-    _write_lora(folder / "words.safetensors", base.unet, base.text_encoder, ("text_projection",), 1)
-    _write_lora(folder / "inpaint_style.safetensors", inpaint.unet, inpaint.text_encoder, ("attention",), 2)
+    write_random_lora(folder / "style.safetensors", base.unet, base.text_encoder, ("attention", "resnet"), 0)
+    write_random_lora(folder / "words.safetensors", base.unet, base.text_encoder, ("text_projection",), 1)
+    write_random_lora(folder / "inpaint_style.safetensors", inpaint.unet, inpaint.text_encoder, ("attention",), 2)
     identity = lora.base_identity(base.unet, "another model")
     other = dataclasses.replace(identity, probes=tuple(p + 0.5 for p in identity.probes))
-    _write_lora(folder / "other_base.safetensors", base.unet, base.text_encoder, ("attention",), 3, base=other)
+    write_random_lora(folder / "other_base.safetensors", base.unet, base.text_encoder, ("attention",), 3, base=other)
     (folder / "junk.safetensors").write_bytes(b"this is not a safetensors file")
     from safetensors.torch import save_file
 
@@ -220,3 +208,32 @@ def test_encoded_prompts_are_cached_per_text_encoder_lora_scale(engine, tiny_eng
             engine.loaded_loras["text-to-image"].apply((("words", scale),))
             assert torch.equal(cache(*tokens)[0], cache.encode_tokens(*tokens)[0]), scale
     engine.loaded_loras["text-to-image"].apply(())
+
+
+@pytest.mark.parametrize("with_folder", [True, False])
+def test_the_web_ui_offers_the_folders_loras_and_scans_it_again_on_request(engine, tiny_engine, monkeypatch,
+                                                                           with_folder):
+    """The page gets a LoRA picker when the server has --lora-dir, listing what GET /sdapi/v1/loras lists; its ↻
+    picks up files added since."""
+    pytest.importorskip("gradio")
+    from kandinsky3.serve import app as app_module, ui
+    from kandinsky3.serve.ui_backend import QueueBackend
+
+    shown = {}
+    monkeypatch.setattr(ui, "mount_ui", lambda app, backend, settings: shown.update(backend=backend,
+                                                                                   settings=settings))
+    service = Service([engine if with_folder else tiny_engine], ServerConfig(queue_size=4, timeout=120))
+    app_module.create_app(service)
+    assert shown["settings"].loras is with_folder and isinstance(shown["backend"], QueueBackend)
+    backend = shown["backend"]
+    if not with_folder:
+        assert backend.loras() == backend.loras(refresh=True) == []
+        return
+    assert backend.loras() == ["inpaint_style", "style", "words"]
+    folder = engine.loras.directory
+    shutil.copy(folder / "style.safetensors", folder / "extra.safetensors")
+    try:
+        assert "extra" not in backend.loras() and "extra" in backend.loras(refresh=True)
+    finally:
+        (folder / "extra.safetensors").unlink()
+        engine.loras.refresh()

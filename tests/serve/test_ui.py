@@ -25,6 +25,7 @@ class ScriptedBackend:
     def __init__(self, script, refuse: str | None = None):
         self.script, self.refuse = list(script), refuse
         self.submitted, self.cancelled, self.polls = [], [], 0
+        self.lora_names = ["style", "words"]
 
     def submit(self, req):
         if self.refuse:
@@ -38,6 +39,10 @@ class ScriptedBackend:
 
     def cancel(self, handle):
         self.cancelled.append(handle)
+
+    def loras(self, refresh=False):
+        self.refreshed = getattr(self, "refreshed", 0) + refresh
+        return list(self.lora_names)
 
 
 def collect(agen, limit=None):
@@ -212,3 +217,26 @@ def test_page_has_the_form_the_tabs_the_progress_gallery_and_cancel():
     assert isinstance(by_id["inpaint-editor"], gr.ImageEditor)
     clicks = [fn for fn in blocks.fns.values() if fn.name != "cancel_job"]
     assert len(clicks) == 3 and all(fn.concurrency_limit is None for fn in clicks)  # the server's queue governs
+
+
+def _page(settings, backend):
+    blocks = ui.build_ui(backend, settings)
+    by_id = {block.elem_id: block for block in blocks.blocks.values() if getattr(block, "elem_id", None)}
+    return blocks, by_id
+
+
+def test_the_lora_picker_shows_when_the_server_offers_loras_and_writes_tags_into_the_prompt():
+    backend = ScriptedBackend([])
+    _, plain = _page(ui.UISettings(), backend)
+    assert not {"lora", "lora-weight", "lora-add", "lora-refresh"} & set(plain)
+    blocks, by_id = _page(ui.UISettings(loras=True), backend)
+    assert by_id["lora"].choices == [("style", "style"), ("words", "words")] and by_id["lora"].value == "style"
+    assert by_id["lora-weight"].value == 1.0
+    fns = {fn.name: fn.fn for fn in blocks.fns.values()}
+    assert fns["add_tag"]("a red circle", "style", 0.5) == "a red circle <lora:style:0.5>"
+    assert fns["add_tag"]("a red circle <lora:style:0.5>", "style", 1.0) == "a red circle <lora:style:1>"
+    assert isinstance(fns["add_tag"]("a red circle", None, 1.0), type(gr.skip()))  # nothing chosen: unchanged
+    backend.lora_names = ["words", "new"]
+    update = fns["rescan"]("style")  # the chosen LoRA is gone: the first one found is chosen
+    assert backend.refreshed == 1 and update.choices == [("words", "words"), ("new", "new")]
+    assert update.value == "words" and fns["rescan"]("new").value == "new"

@@ -1,6 +1,7 @@
 """The web UI in a real browser: ``kandinsky3 serve --model tiny`` in a subprocess, Debian's Chromium driven by
 Selenium through Debian's chromedriver (nothing is downloaded). Text to image with the progress bar moving, a
-cancelled job, img2img, and inpainting with a mask drawn by dragging the mouse on the editor's canvas.
+cancelled job, img2img, inpainting with a mask drawn by dragging the mouse on the editor's canvas, and a LoRA of
+the server's --lora-dir picked into the prompt.
 
 Screenshots of each stage are saved in the test's tmp folder (their paths are printed; ``pytest -s`` shows them).
 """
@@ -38,7 +39,15 @@ return bar ? [bar.dataset.state, Number(bar.dataset.step), Number(bar.dataset.st
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    """``kandinsky3 serve --model tiny`` on a free loopback port; its log is shown if it does not come up."""
+    """``kandinsky3 serve --model tiny --lora-dir D`` on a free loopback port, D holding one LoRA ("style") made
+    from the tiny model; the server's log is shown if it does not come up."""
+    from conftest import write_random_lora
+
+    from kandinsky3 import load_pipeline
+
+    loras = tmp_path_factory.mktemp("loras")
+    pipe = load_pipeline("text-to-image", "tiny", device="cpu")
+    write_random_lora(loras / "style.safetensors", pipe.unet, pipe.text_encoder, ("attention",), 0)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -47,7 +56,7 @@ def server_url(tmp_path_factory):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "kandinsky3.cli", "serve", "--model", "tiny", "--device", "cpu",
-             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+             "--host", "127.0.0.1", "--port", str(port), "--lora-dir", str(loras)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
@@ -227,3 +236,24 @@ def test_inpainting_repaints_the_drawn_mask_and_keeps_the_rest(page, tmp_path):
     for corner in (pixels[:3, :3], pixels[:3, -3:], pixels[-3:, :3], pixels[-3:, -3:]):  # far from the stroke
         np.testing.assert_array_equal(corner, np.broadcast_to(BLUE, corner.shape))
     assert np.abs(pixels[28:36, 28:36] - BLUE).sum(axis=-1).min() > 30, "the painted middle was not repainted"
+
+
+def test_a_picked_lora_goes_into_the_prompt_and_is_applied(page):
+    driver, shot = page
+    prompt = driver.find_element(By.CSS_SELECTOR, "#prompt textarea")
+    prompt.send_keys("a red circle")
+    set_number(driver, "steps", 4)
+    set_number(driver, "seed", 7)
+    driver.find_element(By.ID, "generate").click()
+    assert watch_progress(driver)[-1][0] == "done"
+    plain = wait_until(lambda: gallery_images(driver), 10, "the plain image")[0]
+    set_number(driver, "lora-weight", 0.8)
+    driver.find_element(By.ID, "lora-add").click()  # the list's first (and only) LoRA is chosen
+    wait_until(lambda: prompt.get_attribute("value") == "a red circle <lora:style:0.8>", 10, "the tag in the prompt")
+    driver.find_element(By.ID, "generate").click()
+    seen = watch_progress(driver)
+    assert seen[-1][0] == "done", seen[-1]
+    styled = wait_until(lambda: (images := gallery_images(driver)) and images[0].tobytes() != plain.tobytes()
+                        and images, 10, "the LoRA's image")[0]
+    shot("6-lora")
+    assert np.abs(np.asarray(styled).astype(int) - np.asarray(plain)).mean() > 1, "the LoRA changed nothing"
