@@ -7,7 +7,8 @@
 For each (sampler, steps): colour+shape accuracy (seen and held-out), position accuracy, seconds per image, and
 the mean absolute pixel distance (0-255 scale) to a reference image made with the same prompt and seed by DDIM
 (η = 0, a deterministic probability-flow sampler) at 200 steps. All rows use the same prompts and seeds, so the
-accuracies are paired comparisons. Images are 64×64, guidance 3.0, CPU fp32. The distance is to one solution of
+accuracies are paired comparisons. Images are at the model's own size with its own guidance (what a user gets;
+128×128 and w = 1.5 for the bundled model), CPU fp32. The distance is to one solution of
 the probability-flow ODE; the stochastic samplers (original, dpmpp_2m_sde) sample other paths by design, so for them
 it measures how far their randomness moves an image, not their error.
 """
@@ -42,6 +43,7 @@ def main() -> None:
     from kandinsky3.evaluation import evaluate
 
     pipe = get_T2I_pipeline("cpu", model="tiny")
+    size = pipe.sampling_defaults.width
     splits = {split: eval_prompts(args.num_prompts, split) for split in ("seen", "heldout")}
 
     def images_for(sampler: str, steps: int) -> tuple[dict, dict[str, list[np.ndarray]], float]:
@@ -53,7 +55,7 @@ def main() -> None:
             def generate(batch: list[str], batch_seed: int):
                 nonlocal seconds
                 start = time.perf_counter()
-                out = pipe(batch, width=64, height=64, seed=batch_seed * 1000, steps=steps, sampler=sampler,
+                out = pipe(batch, width=size, height=size, seed=batch_seed * 1000, steps=steps, sampler=sampler,
                            progress=False)  # ddim: η = 0 by default
                 seconds += time.perf_counter() - start
                 made.extend(np.asarray(image, dtype=np.float32) for image in out)
@@ -65,7 +67,8 @@ def main() -> None:
         return reports, images, seconds / sum(len(p) for p in splits.values())
 
     _, reference, reference_seconds = images_for(*REFERENCE)
-    print(f"bundled small model, {args.num_prompts} prompts per split; reference {REFERENCE[0]} "
+    print(f"bundled small model at {size} px, guidance {pipe.sampling_defaults.guidance_scale}, "
+          f"{args.num_prompts} prompts per split; reference {REFERENCE[0]} "
           f"{REFERENCE[1]} steps ({reference_seconds:.2f} s/image)")
     print(f"{'sampler':12} {'steps':>5} {'seen':>6} {'heldout':>8} {'position':>9} {'dist/255':>9} {'s/image':>8}")
     for sampler, steps in rows:

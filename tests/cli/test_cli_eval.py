@@ -44,46 +44,37 @@ def test_eval_inpainting_reports_the_drift_before_paste_back_too(monkeypatch, ca
     assert report["inpainting_before_paste_back"]["outside_mad"] > 0.0
 
 
+def _fake_reports(monkeypatch, calls):
+    """Record each report's pipeline task and settings instead of generating (the reports' own code is tested
+    above)."""
+    def fake(name):
+        def run(pipe, num_prompts, **kwargs):
+            calls[name] = pipe.task, kwargs
+            return {"num_prompts": num_prompts, "before_paste_back": {}} if name == "inpainting" else {}
+        return run
+
+    monkeypatch.setattr(command, "set_threads", lambda: None)
+    monkeypatch.setattr(evaluation, "movq_psnr", lambda movq: 0.0)
+    monkeypatch.setattr(evaluation, "evaluate_text_to_image", fake("text_to_image"))
+    monkeypatch.setattr(evaluation, "evaluate_inpainting", fake("inpainting"))
+
+
 def test_eval_passes_the_settings_to_both_reports_and_prints_json_only(monkeypatch, capsys):
     """--guidance-scale, --sampler, --steps, --seed and --prompt-seed reach the text-to-image and the inpainting
     evaluation alike; without --prompt-seed each uses its own reported prompt set; stdout is one JSON document."""
     import json
 
     calls = {}
-
-    def fake(name):
-        def run(pipe, num_prompts, **kwargs):
-            calls[name] = kwargs
-            return {"num_prompts": num_prompts, "before_paste_back": {}} if name == "inpainting" else {}
-        return run
-
-    monkeypatch.setattr(command, "set_threads", lambda: None)
-    monkeypatch.setattr(evaluation, "movq_psnr", lambda movq: 0.0)
-    monkeypatch.setattr(evaluation, "evaluate_text_to_image", fake("text_to_image"))
-    monkeypatch.setattr(evaluation, "evaluate_inpainting", fake("inpainting"))
+    _fake_reports(monkeypatch, calls)
     flags = ["--guidance-scale", "1.5", "--sampler", "ddim", "--steps", "7", "--seed", "3", "--no-progress"]
     assert cli.main(["eval", "--inpainting", "--prompt-seed", "99", *flags]) == 0
     json.loads(capsys.readouterr().out)
-    for kwargs in calls.values():
+    for _, kwargs in calls.values():
         assert kwargs == {"guidance_scale": 1.5, "sampler": "ddim", "steps": 7, "seed": 3, "progress": False,
                           "prompt_seed": 99}
     assert cli.main(["eval", "--inpainting", *flags]) == 0
     assert set(calls) == {"text_to_image", "inpainting"}
-    assert all("prompt_seed" not in kwargs for kwargs in calls.values())
-
-
-def _fake_reports(monkeypatch, calls):
-    """Record which models each report ran on, without generating (the reports' own code is tested above)."""
-    def fake(name):
-        def run(pipe, num_prompts, **kwargs):
-            calls[name] = pipe.task
-            return {"num_prompts": num_prompts, "before_paste_back": {}} if name == "inpainting" else {}
-        return run
-
-    monkeypatch.setattr(command, "set_threads", lambda: None)
-    monkeypatch.setattr(evaluation, "movq_psnr", lambda movq: 0.0)
-    monkeypatch.setattr(evaluation, "evaluate_text_to_image", fake("text_to_image"))
-    monkeypatch.setattr(evaluation, "evaluate_inpainting", fake("inpainting"))
+    assert all("prompt_seed" not in kwargs for _, kwargs in calls.values())
 
 
 def test_eval_reports_an_inpainting_folder_alone_and_pairs_folders_on_request(monkeypatch, capsys):
@@ -98,11 +89,12 @@ def test_eval_reports_an_inpainting_folder_alone_and_pairs_folders_on_request(mo
     _fake_reports(monkeypatch, calls)
     assert cli.main(["eval", "--model", str(inpainting), "--no-progress"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"inpainting", "inpainting_before_paste_back", "movq_psnr"}
-    assert calls == {"inpainting": "inpainting"}
+    assert {name: task for name, (task, _) in calls.items()} == {"inpainting": "inpainting"}
     calls.clear()
     assert cli.main(["eval", "--model", str(base), "--inpainting", str(inpainting), "--no-progress"]) == 0
     assert set(json.loads(capsys.readouterr().out)) >= {"text_to_image", "inpainting"}
-    assert calls == {"text_to_image": "text-to-image", "inpainting": "inpainting"}
+    assert {name: task for name, (task, _) in calls.items()} == {"text_to_image": "text-to-image",
+                                                                  "inpainting": "inpainting"}
 
 
 @pytest.mark.parametrize("flags, said", [
