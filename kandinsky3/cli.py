@@ -456,7 +456,7 @@ def _eval_models(args: argparse.Namespace) -> tuple[str | None, str | None]:
     if str(args.model) != "tiny" and open_checkpoint(args.model).variant == "inpainting":
         if args.inpainting not in (None, _SAME_MODEL):
             raise _usage(f"--model {args.model} is an inpainting model; --inpainting MODEL goes with a "
-                             "text-to-image --model")
+                         "text-to-image --model")
         text_model, inpainting_model = None, args.model
     if inpainting_model is not None:
         open_checkpoint(resolve_model(inpainting_model, "inpainting"), variant="inpainting")

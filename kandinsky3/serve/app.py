@@ -257,7 +257,8 @@ def _mount_ui(app: FastAPI, service: Service) -> None:
 
     engine, limits = service.engine, service.config.limits
     settings = settings_for(engine.text_to_image, inpainting=engine.inpainting is not None,
-                            loras=engine.loras.directory is not None, max_side=limits.max_side, max_steps=limits.max_steps, max_batch=limits.max_images)
+                            loras=engine.loras.directory is not None, max_side=limits.max_side,
+                            max_steps=limits.max_steps, max_batch=limits.max_images)
     mount_ui(app, QueueBackend(service), settings)
 
 

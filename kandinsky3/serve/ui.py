@@ -2,10 +2,10 @@
 
 The page talks to the server's job queue through :class:`UIBackend`: ``submit`` a :class:`UIRequest`, ``poll``
 its :class:`JobStatus` (the sampler callback's step, then the images), ``cancel`` it, and list the ``loras`` a
-prompt may name (the LoRA picker, shown when the server has ``--lora-dir``, writes their ``<lora:name:weight>`` tags
-into the prompt). While a job runs, the generate handler polls it a few times a second and redraws the progress bar; the
-Cancel button cancels the job of the browser session that pressed it. Gradio's own queue lets every event
-through (``concurrency_limit=None``), so the server's bounded queue is the only one a request waits in.
+prompt may name (the LoRA picker, shown when the server has ``--lora-dir``, writes their ``<lora:name:weight>``
+tags into the prompt). While a job runs, the generate handler polls it a few times a second and redraws the
+progress bar; the Cancel button cancels the job of the browser session that pressed it. Gradio's own queue lets
+every event through (``concurrency_limit=None``), so the server's bounded queue is the only one a request waits in.
 
     blocks = build_ui(backend, settings)   # a gr.Blocks; settings_for(pipeline) reads the model's defaults
     app = mount_ui(app, backend, settings) # the page at "/" of a FastAPI app, after its API routes

@@ -56,7 +56,8 @@ def server_url(tmp_path_factory):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "kandinsky3.cli", "serve", "--model", "tiny", "--device", "cpu",
-             "--host", "127.0.0.1", "--port", str(port), "--lora-dir", str(loras)], stdout=log, stderr=subprocess.STDOUT, env=env)
+             "--host", "127.0.0.1", "--port", str(port), "--lora-dir", str(loras)],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
