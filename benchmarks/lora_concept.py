@@ -1,7 +1,9 @@
 """A LoRA teaches the bundled small model a shape it has never seen: the "wedge", a triangle pointing down.
 
-    OMP_NUM_THREADS=1 nice python benchmarks/lora_concept.py                 # train, then measure; prints JSON
-    OMP_NUM_THREADS=1 nice python benchmarks/lora_concept.py --prior 64 --prior-from model   # the prior's other source
+    OMP_NUM_THREADS=2 python benchmarks/lora_concept.py                 # train, then measure; prints JSON
+    OMP_NUM_THREADS=2 python benchmarks/lora_concept.py --prior 64 --prior-from model   # the prior's other source
+
+Everything is at the bundled model's own size (``SIZE``, 128 px): the pictures, the LoRA's training and the samples.
 
 1. Data: ``--images`` (≤ 20) pictures of one large wedge, of a random colour, position and background: the shapes
    generator's upward triangle flipped about its centre, captioned in the generator's grammar with "wedge" as the
@@ -9,8 +11,8 @@
    tokenizer never saw the word. Beside them, ``--prior`` pictures of ordinary captions (DreamBooth's prior
    preservation, Ruiz et al. 2022, arXiv 2208.12242), so that the LoRA learns to leave other prompts alone: by
    default renders of the shapes generator (the kind of picture the model was trained on); the base model's own
-   samples (``--prior-from model``) made other prompts worse here (colour+shape accuracy 0.54 → 0.30 with 64 of
-   them; a guess: trained on its own guided samples, then guided again, the model overshoots).
+   samples (``--prior-from model``) made other prompts worse on the previous, 64 px model (colour+shape 0.54 → 0.30
+   with 64 of them; a guess: trained on its own guided samples, then guided again, the model overshoots).
    (A new *colour* cannot be learnt by a U-Net LoRA on this model: its MoVQ, trained on six colours, decodes a cyan
    picture as blue.)
 2. Training: ``kandinsky3.training.finetune`` on that folder, a LoRA on the U-Net's attention projections and
@@ -40,10 +42,22 @@ WORD = "wedge"
 DOWNWARD_SKEW = 0.15  # the evaluator's triangle threshold (kandinsky3.evaluation.TRIANGLE_SKEW), sign reversed
 
 
+def model_size() -> int:
+    """The side in pixels the bundled model was trained at (its manifest's sampling defaults)."""
+    from kandinsky3.pipelines.load import resolve_model
+    from kandinsky3.weights import open_checkpoint
+
+    return open_checkpoint(resolve_model("tiny")).sampling_defaults.width
+
+
+SIZE = model_size()
+
+
 def wedge_scene_captions(count: int, seed: int) -> list[tuple[str, "object"]]:
     """``count`` (caption, one-object scene) pairs: each scene holds a large upward triangle (to be flipped), its
-    caption says "wedge"; the colours are taken in turn. Large only: at 64 px the model's own MoVQ keeps the
-    orientation of every large wedge but of only 3 in 4 small ones (measured over 36 scenes each)."""
+    caption says "wedge"; the colours are taken in turn. Large only: small wedges are a few latent pixels, whose
+    orientation the MoVQ does not always keep (at 64 px, with the previous 4× MoVQ: 3 in 4 small ones, every large
+    one, over 36 scenes each)."""
     from kandinsky3.data.shapes import OBJECT_COLOURS, Scene, ShapeSpec, caption, sample_scene
 
     rng = np.random.default_rng(seed)
@@ -57,11 +71,11 @@ def wedge_scene_captions(count: int, seed: int) -> list[tuple[str, "object"]]:
 
 
 def render_wedge(scene, rng: np.random.Generator) -> np.ndarray:
-    """(64,64,3) uint8: the scene rendered, its triangle flipped upside down about the centre of its bounding box
+    """(SIZE, SIZE, 3) uint8: the scene rendered, its triangle flipped upside down about the centre of its bounding box
     (the anchor the generator places objects by), on the uniform background."""
     from kandinsky3.data.shapes import COLOURS, render_array
 
-    image = render_array(scene, 64, rng)
+    image = render_array(scene, SIZE, rng)
     rows = np.nonzero((image != np.array(COLOURS[scene.background], np.uint8)).any(axis=(1, 2)))[0]
     top, bottom = rows.min(), rows.max() + 1
     image[top:bottom] = image[top:bottom][::-1]  # rows outside the object are background: a vertical flip of the box
@@ -92,7 +106,7 @@ def add_prior_images(folder: Path, count: int, source: str, seed: int = 0) -> No
 
     rng = np.random.default_rng(seed + 2)
     if source == "renders":
-        dataset = ShapesDataset(count, image_size=64, seed=seed + 2)
+        dataset = ShapesDataset(count, image_size=SIZE, seed=seed + 2)
         pictures = [dataset.example(i)[:2] for i in range(count)]
     else:
         from kandinsky3.pipelines import LoadOptions, load_pipeline
@@ -117,7 +131,7 @@ def shows_wedge(image, colour: str | None, sign: int = 1) -> bool:
 
 
 def generate(pipe, prompts: list[str], batch: int = 8):
-    """One 64 px image per prompt (batch b uses seed b), as (3,64,64) tensors in [-1,1]."""
+    """One image per prompt at the model's size (batch b uses seed b), as (3, SIZE, SIZE) tensors in [-1,1]."""
     images = []
     for b, start in enumerate(range(0, len(prompts), batch)):
         out = pipe(prompts[start:start + batch], seed=b, output_type="pt", progress=False)
@@ -160,20 +174,17 @@ def main(argv: list[str] | None = None) -> dict:
     if not 1 <= args.images <= 20:
         parser.error("--images must be between 1 and 20")
 
-    import torch
-
     from kandinsky3.data.shapes import eval_prompts
     from kandinsky3.pipelines import LoadOptions, load_pipeline
     from kandinsky3.training.finetune import finetune, finetune_config
     from kandinsky3.training.run_log import setup_logging
 
-    torch.set_num_threads(1)
     out = Path(args.out)
     write_dataset(out / "data", args.images, args.repeats)
     add_prior_images(out / "data", args.prior, args.prior_from)
     config = finetune_config("tiny", str(out / "data"), str(out / "wedge.safetensors"), run_dir=str(out / "run"),
                              rank=args.rank, targets=tuple(args.targets), steps=args.steps, lr=args.lr,
-                             batch_size=args.batch_size, resolution=64,
+                             batch_size=args.batch_size, resolution=SIZE,
                              trigger_words=(WORD,), device="cpu", checkpoint_interval=0,
                              overrides=("schedule.warmup_steps=20",))
     setup_logging(True, out / "run")
