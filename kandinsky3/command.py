@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,6 +96,21 @@ def _cgroup_cpus() -> float | None:
         return None
 
 
+def _running_elsewhere(samples: int = 5, interval: float = 0.01) -> float | None:
+    """Threads of other processes running right now: the median over a few readings, ``interval`` seconds apart,
+    of the runnable count in /proc/loadavg (its 4th field, "running/total"), less this reading thread; None where
+    there is no /proc/loadavg."""
+    counts = []
+    for index in range(samples):
+        try:
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return None
+        if index < samples - 1:
+            time.sleep(interval)
+    return float(sorted(counts)[len(counts) // 2])
+
+
 def cpu_threads(default: int) -> int | None:
     """The CPU thread count for this run, or None to keep PyTorch's ``default`` (OMP_NUM_THREADS when set, else
     the physical cores this process may use).
@@ -102,13 +118,19 @@ def cpu_threads(default: int) -> int | None:
     PyTorch counts the cores it may use, not the cores that are free: on a shared machine its threads wait on
     each other behind other processes (the README's first command took 11 s on 2 idle cores, 105-283 s with 2
     threads on 2 busy ones). So the count is capped by the cores other processes leave free (the cores this
-    process may use minus the 1-minute load average, rounded) and by the container's CPU quota (cgroup
-    cpu.max), and is at least 1. OMP_NUM_THREADS, when set, is the user's choice and is kept.
+    process may use minus the busy ones, rounded) and by the container's CPU quota (cgroup cpu.max), and is at
+    least 1. Busy is the other processes' threads running now (:func:`_running_elsewhere`, 40 ms of readings), or
+    where that cannot be read the 1-minute load average, which lags: a job that ended seconds ago (the previous run
+    of this command) still counts in it, and one that started seconds ago does not yet. OMP_NUM_THREADS, when set,
+    is the user's choice and is kept.
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    free = cores - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    busy = _running_elsewhere()
+    if busy is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = cores - busy
     quota = _cgroup_cpus()
     threads = max(1, min(default, round(free), math.ceil(quota) if quota else default))
     return None if threads == default else threads
