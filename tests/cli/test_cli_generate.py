@@ -49,6 +49,7 @@ def test_parameters_record_the_models_choices_when_the_flags_leave_them_open(cli
         "original", "50", "1.5", "128x128")
 
 
+@pytest.mark.slow  # three runs of the command (~20 s): CI's second tier
 def test_seed_defaults_to_a_random_one_that_is_printed_written_and_reproducible(cli, model, tmp_path):
     first, second = (cli("generate", "a red circle", "--model", model, "-o", str(tmp_path / name), *SMALL)
                      for name in ("a.png", "b.png"))
@@ -62,6 +63,7 @@ def test_seed_defaults_to_a_random_one_that_is_printed_written_and_reproducible(
     assert np.array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "c.png"))
 
 
+@pytest.mark.slow  # two runs of the command, five images (~20 s): CI's second tier
 def test_several_prompts_and_a_prompts_file_write_numbered_files(cli, model, tmp_path):
     """Positional prompts, then the file's plain and JSON lines; image k has seed base + k unless its line sets
     one; JSON lines override the flags for their prompt."""
@@ -120,6 +122,7 @@ def _image_and_mask(folder, side: int):
     return str(image), str(mask)
 
 
+@pytest.mark.slow  # two runs of the command (~20 s): CI's second tier
 def test_inpaint_and_img2img_run_from_the_command_line(cli, tmp_path):
     """The bundled tiny model has an inpainting variant: inpaint repaints the masked square and keeps the rest;
     img2img writes an image of the input's size; both PNGs carry their parameters."""
