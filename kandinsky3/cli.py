@@ -453,7 +453,7 @@ def _eval_models(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
     text_model = args.model
     inpainting_model = args.model if args.inpainting == _SAME_MODEL else args.inpainting
-    if str(args.model) != "tiny" and open_checkpoint(args.model).variant == "inpainting":
+    if open_checkpoint(resolve_model(args.model)).variant == "inpainting":
         if args.inpainting not in (None, _SAME_MODEL):
             raise _usage(f"--model {args.model} is an inpainting model; --inpainting MODEL goes with a "
                          "text-to-image --model")
