@@ -551,15 +551,16 @@ class MoVQ(nn.Module):
         return self.quantize(latents, generator=generator)
 
     def forward(
-        self, images: torch.Tensor, *, generator: torch.Generator | None = None
+        self, images: torch.Tensor, *, generator: torch.Generator | None = None, quantize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
         """Training pass: images -> (reconstruction (B,out_ch,H,W), quantiser loss (scalar), info).
 
-        Without a codebook the latents pass through and the loss is 0. ``info`` holds ``latents`` (pre-quantiser),
-        ``indices`` (B,h,w) and the batch ``perplexity`` (both None without a codebook).
+        Without a codebook, or with ``quantize=False`` (the pipelines' path: ``decode(encode(x))``), the latents
+        pass through and the loss is 0. ``info`` holds ``latents`` (pre-quantiser), ``indices`` (B,h,w) and the
+        batch ``perplexity`` (both None when nothing is quantised).
         """
         latents = self.encode(images)
-        if self.quantize is None:
+        if self.quantize is None or not quantize:
             loss = latents.new_zeros(())
             quantized, indices, perplexity = latents, None, None
         else:

@@ -3,14 +3,14 @@
 A config file holds one object per section, and every key of every section must be present, except the
 few added after the first configs were written: those have a default that is the behaviour from before
 they existed and never changes (``schedule.lr_decay``, ``schedule.min_lr_ratio``, the U-Net run's ``loss``
-section). Loading names each unknown and each missing key (as ``section.key``), so a file describes its
-run completely and a later change never changes what an old file means. The trainer is named by
+section, the MoVQ run's ``decoder`` section). Loading names each unknown and each missing key (as
+``section.key``), so a file describes its run completely and a later change never changes what an old file means. The trainer is named by
 ``"trainer"``::
 
     {"trainer": "unet", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
      "model": {...}, "text": {...}, "samples": {...}}                                -> UNetTrainConfig
     {"trainer": "movq", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
-     "model": {MoVQConfig}, "loss": {...}, "disc": {...}}                            -> MoVQTrainConfig
+     "model": {MoVQConfig}, "loss": {...}, "disc": {...}[, "decoder": {...}]}        -> MoVQTrainConfig
     {"trainer": "finetune", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
      "model": {...}, "lora": {...}, "text": {...}, "samples": {...}}                 -> FinetuneConfig
     {"trainer": "text", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
@@ -52,6 +52,7 @@ __all__ = [
     "MoVQLossConfig",
     "DiffusionLossConfig",
     "DiscriminatorConfig",
+    "DecoderFinetuneConfig",
     "UNetTrainConfig",
     "MoVQTrainConfig",
     "FinetuneConfig",
@@ -299,6 +300,20 @@ class DiscriminatorConfig:
         _at_least(self, 1, "channels", "layers")
 
 
+@dataclass(frozen=True, kw_only=True)
+class DecoderFinetuneConfig:
+    """A MoVQ run that trains the decoder alone, on the latents the pipelines decode.
+
+    ``finetune_from``: a model folder holding a MoVQ ("" = a fresh MoVQ, every part trained). When set, the run
+    starts from those weights, freezes the encoder, ``quant_conv`` and the codebook, and trains ``post_quant_conv``
+    and the decoder on ``decode(encode(x))``: the unquantised latents a U-Net samples, where a full run decodes
+    codebook entries. The latent space is left exactly as it was (no rescaling at export), so U-Nets trained on
+    the starting MoVQ's latents stay valid.
+    """
+
+    finetune_from: str = ""
+
+
 # ------------------------------------------------------------------------------------ run configs
 
 
@@ -335,6 +350,7 @@ class MoVQTrainConfig(TrainConfig):
     model: MoVQConfig
     loss: MoVQLossConfig
     disc: DiscriminatorConfig
+    decoder: DecoderFinetuneConfig = DecoderFinetuneConfig()
 
     def __post_init__(self) -> None:
         super().__post_init__()

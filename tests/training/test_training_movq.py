@@ -1,4 +1,4 @@
-"""MoVQ trainer: exact stop-and-resume, latent rescaling, export round trip, loss falls.
+"""MoVQ trainer: exact stop-and-resume, latent rescaling, export round trip, loss falls, decoder fine-tune.
 
 Tiny MoVQ (widths 8/16, 32×32 shapes images) so every run takes seconds on one CPU thread.
 """
@@ -13,7 +13,7 @@ from kandinsky3.data.shapes import ShapesDataset
 from kandinsky3.models.movq import MoVQ, MoVQConfig
 from kandinsky3.training.checkpoint import CHECKPOINT, load_checkpoint
 from kandinsky3.training.train_movq import rescale_latents_, train_movq
-from kandinsky3.weights.loading import load_components
+from kandinsky3.weights.loading import load_components, load_movq
 
 _single_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -85,3 +85,37 @@ def test_movq_export_loads_and_loss_falls(tmp_path):
     with torch.no_grad():
         latents = movq.encode(images)
     assert latents.abs().flatten().quantile(0.995) < 1.5  # export normalised the latent range to about 1
+
+
+def _unquantised_error(movq: MoVQ, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((movq.decode(movq.encode(images)) - images).abs().mean())
+
+
+def test_decoder_finetune_keeps_the_latent_space(tmp_path):
+    """A decoder fine-tune starts from an exported MoVQ, leaves the encoder, quant_conv and codebook bit-identical
+    (the latents, and so the U-Nets trained on them, do not change: no rescaling at export), trains the decoder
+    on the unquantised path the pipelines decode, and lowers that path's reconstruction error."""
+    start = tmp_path / "start"
+    train_movq(movq_config(start, TINY_MOVQ, "schedule.max_steps=10", "disc.start=-1"), dataset=_dataset())
+    run = tmp_path / "decoder"
+    train_movq(movq_config(run, TINY_MOVQ, "schedule.max_steps=20", "disc.start=-1", "ema.decay=0",
+                           f"decoder.finetune_from={start / 'final'}"), dataset=_dataset())
+    before, after = load_movq(start / "final"), load_movq(run / "final")
+    old, new = before.state_dict(), after.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv.", "quantize."))]
+    assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)
+    assert not torch.equal(old["decoder.conv_out.weight"], new["decoder.conv_out.weight"])
+    images = torch.stack([_dataset()[i][0] for i in range(12)])
+    with torch.no_grad():
+        assert torch.equal(before.encode(images), after.encode(images))
+    assert _unquantised_error(after, images) < 0.9 * _unquantised_error(before, images)
+
+
+def test_decoder_finetune_refuses_another_architecture(tmp_path):
+    """The starting MoVQ must be the run's model: a mismatch is named before any step runs."""
+    start = tmp_path / "start"
+    train_movq(movq_config(start, TINY_MOVQ, "schedule.max_steps=1", "disc.start=-1"), dataset=_dataset())
+    config = movq_config(tmp_path / "run", TINY_MOVQ, "model.ch=16", f"decoder.finetune_from={start / 'final'}")
+    with pytest.raises(ValueError, match="decoder.finetune_from"):
+        train_movq(config, dataset=_dataset())
