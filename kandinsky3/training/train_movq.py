@@ -89,7 +89,6 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
         decoder_only = bool(config.decoder.finetune_from)
         if decoder_only:
             start_from_decoder_finetune(movq, config.decoder.finetune_from)
-        movq.to(memory_format=_layout(ctx.device))
         model = wrap_model(movq, ctx)
         # optimizers, loss scalers, EMA; the discriminator (when disc.start >= 0) with its own
         optim = config.optim
@@ -149,11 +148,6 @@ def start_from_decoder_finetune(movq: MoVQ, folder: str) -> None:
             part.requires_grad_(False)
 
 
-def _layout(device: torch.device) -> torch.memory_format:
-    """Channels-last on the CPU: oneDNN's native layout, ~1.5x faster steps for the small MoVQ (benchmarks/README.md)."""
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
-
-
 def trainable(movq: MoVQ) -> list[nn.Parameter]:
     return [p for p in movq.parameters() if p.requires_grad]
 
@@ -199,7 +193,7 @@ def autoencoder_backward(config: MoVQTrainConfig, ctx: DistributedContext, step:
     slices = micro_slices(schedule.batch_size, ctx.rank, ctx.world_size, schedule.grad_accum)
     reals, fakes, latents = [], [], []
     for micro, part in enumerate(slices):
-        x = images.batch(indices[part])[0].to(ctx.device, non_blocking=True).contiguous(memory_format=_layout(ctx.device))
+        x = images.batch(indices[part])[0].to(ctx.device, non_blocking=True)
         with no_sync(model, micro < len(slices) - 1):
             with autocast(ctx.device, config.run.precision):
                 reconstruction, vq_loss, info = model(x, quantize=not config.decoder.finetune_from)
