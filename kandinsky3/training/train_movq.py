@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..components import SamplingDefaults
+from ..errors import UsageError
 from ..models.movq import MoVQ
 from ..weights.loading import load_movq
 from ..weights.native import write_native
@@ -77,6 +78,8 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
     """Run (or, with ``resume``, continue) a MoVQ run in ``run.out_dir`` (which folders are accepted:
     :func:`.run_log.check_run_folder`) and return that folder. ``dataset`` replaces the configured one (tests)."""
     check_run_folder(Path(config.run.out_dir), resume)
+    decoder_only = bool(config.decoder.finetune_from)
+    start = starting_movq(config) if decoder_only else None  # a bad path or architecture fails before any write
     ctx = setup_distributed(config.run.device)
     try:
         out_dir = prepare_out_dir(config, ctx.is_main)
@@ -86,9 +89,8 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.run.seed)
             movq = MoVQ(config.model).to(ctx.device)
-        decoder_only = bool(config.decoder.finetune_from)
-        if decoder_only:
-            start_from_decoder_finetune(movq, config.decoder.finetune_from)
+        if start is not None:
+            freeze_latent_space(movq, start)
         model = wrap_model(movq, ctx)
         # optimizers, loss scalers, EMA; the discriminator (when disc.start >= 0) with its own
         optim = config.optim
@@ -135,13 +137,19 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
 # ------------------------------------------------------------------------------------ model
 
 
-def start_from_decoder_finetune(movq: MoVQ, folder: str) -> None:
-    """Load the starting MoVQ of a decoder fine-tune (its config must equal the run's ``model``) and freeze
-    everything that defines the latent space: the encoder, ``quant_conv`` and the codebook."""
+def starting_movq(config: MoVQTrainConfig) -> MoVQ:
+    """The MoVQ a decoder fine-tune starts from (``decoder.finetune_from``); its config must equal the run's ``model``."""
+    folder = config.decoder.finetune_from
     start = load_movq(folder, dtype=torch.float32)
-    if start.config != movq.config:
-        raise ValueError(f"decoder.finetune_from {folder!r} holds a MoVQ whose config differs from the run's "
+    if start.config != config.model:
+        raise UsageError(f"decoder.finetune_from {folder!r} holds a MoVQ whose config differs from the run's "
                          f"model section: {start.config.to_dict()}")
+    return start
+
+
+def freeze_latent_space(movq: MoVQ, start: MoVQ) -> None:
+    """Copy the starting weights into ``movq`` and freeze everything that defines the latent space: the encoder,
+    ``quant_conv`` and the codebook."""
     movq.load_state_dict(start.state_dict())
     for part in (movq.encoder, movq.quant_conv, movq.quantize):
         if part is not None:
@@ -149,6 +157,7 @@ def start_from_decoder_finetune(movq: MoVQ, folder: str) -> None:
 
 
 def trainable(movq: MoVQ) -> list[nn.Parameter]:
+    """The parameters the optimizer steps (all of them, or the decoder side in a decoder fine-tune)."""
     return [p for p in movq.parameters() if p.requires_grad]
 
 

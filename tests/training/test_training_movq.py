@@ -119,3 +119,4 @@ def test_decoder_finetune_refuses_another_architecture(tmp_path):
     config = movq_config(tmp_path / "run", TINY_MOVQ, "model.ch=16", f"decoder.finetune_from={start / 'final'}")
     with pytest.raises(ValueError, match="decoder.finetune_from"):
         train_movq(config, dataset=_dataset())
+    assert not (tmp_path / "run").exists()  # refused before the run folder was written
