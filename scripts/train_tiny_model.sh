@@ -6,10 +6,12 @@
 # Five resumable stages (run the script again after an interruption: each stage continues from its last
 # checkpoint, a finished stage is skipped): MoVQ (128 px, 8x); its decoder fine-tuned alone on the unquantised
 # latents the pipelines decode (the encoder, and so the latent space, frozen); the small T5 encoder, pretrained
-# on the captions alone (kandinsky3/training/train_text.py); the U-Net with that T5 frozen; the inpainting U-Net. Each stage uses both cores as two threads of one process (benchmarks/README.md, "train_step.py": two
+# on the captions alone (kandinsky3/training/train_text.py); the U-Net with that T5 frozen; the inpainting U-Net.
+# Each stage uses both cores as two threads of one process (benchmarks/README.md, "train_step.py": two
 # single-thread DDP ranks are no faster, and running anything else beside it slows it several times over).
 # Fixed seeds: the same command on the same machine gives the same model.
-# Run folders are runs/small_movq, runs/small_movq_decoder, runs/small_text, runs/small_unet, runs/small_inpainting (not in git).
+# Run folders are runs/small_movq, runs/small_movq_decoder, runs/small_text, runs/small_unet, runs/small_inpainting
+# (not in git).
 set -euo pipefail
 OUT="${1:-kandinsky3/assets/tiny}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"

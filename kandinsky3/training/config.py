@@ -4,7 +4,8 @@ A config file holds one object per section, and every key of every section must 
 few added after the first configs were written: those have a default that is the behaviour from before
 they existed and never changes (``schedule.lr_decay``, ``schedule.min_lr_ratio``, the U-Net run's ``loss``
 section, the MoVQ run's ``decoder`` section). Loading names each unknown and each missing key (as
-``section.key``), so a file describes its run completely and a later change never changes what an old file means. The trainer is named by
+``section.key``), so a file describes its run completely and a later change never changes what an old file
+means. The trainer is named by
 ``"trainer"``::
 
     {"trainer": "unet", "run": {...}, "data": {...}, "optim": {...}, "schedule": {...}, "ema": {...},
@@ -312,6 +313,10 @@ class DecoderFinetuneConfig:
     """
 
     finetune_from: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.finetune_from)
 
 
 # ------------------------------------------------------------------------------------ run configs

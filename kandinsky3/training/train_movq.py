@@ -78,7 +78,7 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
     """Run (or, with ``resume``, continue) a MoVQ run in ``run.out_dir`` (which folders are accepted:
     :func:`.run_log.check_run_folder`) and return that folder. ``dataset`` replaces the configured one (tests)."""
     check_run_folder(Path(config.run.out_dir), resume)
-    decoder_only = bool(config.decoder.finetune_from)
+    decoder_only = config.decoder.enabled
     start = starting_movq(config) if decoder_only else None  # a bad path or architecture fails before any write
     ctx = setup_distributed(config.run.device)
     try:
@@ -109,7 +109,7 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
             set_lr(optimizer, scheduled_lr(step, optim.lr, config.schedule))
             gan = disc if disc is not None and step >= config.disc.start else None
             reals, fakes, latents = autoencoder_backward(config, ctx, step, images, movq, model, scaler, gan, log)
-            optimizer_step(optimizer, scaler, trainable(movq), optim.grad_clip)
+            optimizer_step(optimizer, scaler, movq.parameters(), optim.grad_clip)
             if movq.quantize is not None and not decoder_only:
                 update_codebook(movq, torch.cat(latents), config.run.seed, step)
             if gan is not None:
@@ -156,11 +156,6 @@ def freeze_latent_space(movq: MoVQ, start: MoVQ) -> None:
             part.requires_grad_(False)
 
 
-def trainable(movq: MoVQ) -> list[nn.Parameter]:
-    """The parameters the optimizer steps (all of them, or the decoder side in a decoder fine-tune)."""
-    return [p for p in movq.parameters() if p.requires_grad]
-
-
 def build_discriminator(config: MoVQTrainConfig, ctx: DistributedContext) -> Discriminator:
     disc = PatchDiscriminator(channels=config.disc.channels, layers=config.disc.layers, seed=config.run.seed)
     disc = disc.to(ctx.device)
@@ -205,7 +200,7 @@ def autoencoder_backward(config: MoVQTrainConfig, ctx: DistributedContext, step:
         x = images.batch(indices[part])[0].to(ctx.device, non_blocking=True)
         with no_sync(model, micro < len(slices) - 1):
             with autocast(ctx.device, config.run.precision):
-                reconstruction, vq_loss, info = model(x, quantize=not config.decoder.finetune_from)
+                reconstruction, vq_loss, info = model(x, quantize=not config.decoder.enabled)
             l1, mse = reconstruction_losses(reconstruction, x)
             rec_loss = config.loss.l1_weight * l1 + config.loss.mse_weight * mse
             loss = rec_loss + config.loss.codebook_weight * vq_loss.float()

@@ -108,8 +108,8 @@ def test_train_command_reports_a_bad_config_in_one_line(tmp_path, capsys):
     assert "--stage is for recipes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["small_movq", "small_movq_decoder", "small_text", "small_unet", "small_inpainting", "smoke_movq",
-                                  "smoke_unet", "finetune_tiny"])
+@pytest.mark.parametrize("name", ["small_movq", "small_movq_decoder", "small_text", "small_unet", "small_inpainting",
+                                  "smoke_movq", "smoke_unet", "finetune_tiny"])
 def test_shipped_run_configs_load(name):
     config = load_config(CONFIGS / f"{name}.json")
     assert config.run.out_dir.startswith("runs/")
