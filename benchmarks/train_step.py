@@ -4,11 +4,14 @@ optimizer, EMA — for a training config, at 1 and 2 threads, in fp32 and under 
     python benchmarks/train_step.py                              # configs/small_unet.json, 1 and 2 threads
     python benchmarks/train_step.py --threads 2 --precision bf16 --steps 20
     python benchmarks/train_step.py --ddp 2                      # 2 gloo processes × 1 thread, the global batch split
+    python benchmarks/train_step.py --threads 2 --t5 cached per-step   # a frozen T5 looked up, against run per batch
 
 Each phase is timed around the trainer's own functions (``draw_step``, ``micro_batch``, ``training_conditions``,
 ``q_sample`` + the U-Net, ``backward``, ``optimizer_step``, ``EMA.update``), after warm-up steps; the MoVQ row is
-the cost the latent cache saves (encoding the batch's images, which a cached run does once per image). The
-reference in the same run is the plain sum: "step" is measured end to end and compared with the phases' total.
+the cost the latent cache saves (encoding the batch's images, which a cached run does once per image). A frozen T5
+is looked up as the trainer does (``--t5 cached``, :mod:`kandinsky3.training.text_cache`) or run on every batch as
+before (``per-step``); both are timed in the same run by default. The reference in the same run is the plain sum:
+"step" is measured end to end and compared with the phases' total.
 The models start from the bundled small model (``kandinsky3/assets/tiny/base``: its MoVQ, T5 and tokenizer) with
 the config's U-Net, so no run folder is needed.
 """
@@ -36,6 +39,7 @@ from kandinsky3.training.ema import EMA  # noqa: E402
 from kandinsky3.training.image_datasets import training_images  # noqa: E402
 from kandinsky3.training.initial_models import initial_models  # noqa: E402
 from kandinsky3.training.optim import autocast, build_optimizer, make_grad_scaler, optimizer_step  # noqa: E402
+from kandinsky3.training.text_cache import look_up_t5  # noqa: E402
 from kandinsky3.training.train_unet import DiffusionModel, draw_step, micro_batch, prepare_training_set  # noqa: E402
 from kandinsky3.weights.loading import load_movq  # noqa: E402
 
@@ -43,7 +47,7 @@ BUNDLED = ROOT / "kandinsky3" / "assets" / "tiny" / "base"
 PHASES = ("data", "movq_encode", "t5", "unet_forward", "backward", "optimizer", "ema")
 
 
-def build(config_path: str, overrides: list[str], rank: int = 0, world: int = 1):
+def build(config_path: str, overrides: list[str], rank: int = 0, world: int = 1, t5: str = "cached"):
     from kandinsky3.training.distributed import DistributedContext
 
     config = load_config(config_path, [
@@ -55,6 +59,8 @@ def build(config_path: str, overrides: list[str], rank: int = 0, world: int = 1)
     images = training_images(config.data)
     unet, text_encoder = initial_models(config, images.all_captions(), Path("/nonexistent"), True)
     model = DiffusionModel(unet, text_encoder)
+    if t5 == "cached" and not config.text.train_t5:
+        look_up_t5(model.text_encoder, images.all_captions())
     data = prepare_training_set(config, ctx, images, images.all_captions(), model.text_encoder, movq)
     return config, ctx, movq, data, model
 
@@ -157,15 +163,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ddp", type=int, default=0, help="processes (1 thread each) instead of --threads")
     parser.add_argument("--port", type=int, default=29517)
+    parser.add_argument("--t5", nargs="+", default=["cached", "per-step"], choices=("cached", "per-step"),
+                        help="a frozen T5 looked up (as the trainer does) and/or run on every batch")
     args = parser.parse_args()
     if args.ddp:
         torch.multiprocessing.spawn(_ddp_worker, args=(args.ddp, args), nprocs=args.ddp, join=True)
         return
-    parts = build(args.config, args.override)
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        times = time_phases(*parts, steps=args.steps, warmup=args.warmup, precision=args.precision)
-        report(f"{threads} thread(s), {args.precision}, batch {parts[0].schedule.batch_size}", times)
+    for t5 in args.t5:
+        parts = build(args.config, args.override, t5=t5)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            times = time_phases(*parts, steps=args.steps, warmup=args.warmup, precision=args.precision)
+            report(f"{threads} thread(s), {args.precision}, batch {parts[0].schedule.batch_size}, T5 {t5}", times)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ center-cropped to ``data.image_size``, or with ``data.resolution_buckets`` to th
 1. The base model (``model.base``): its frozen MoVQ (fp32) and text encoder.
 2. Text, once: T5 runs over every caption and sample prompt in one pass (block by block from its files with
    ``model.stream_t5``, so the 8.6B encoder never shares memory with the U-Net), and its states are cached on disk
-   (``text.cache``). T5 is then dropped for :class:`CachedT5`, a lookup of those states, so the U-Net trainer's
-   conditioning (:func:`kandinsky3.conditioning.training_conditions`, the projection included) runs unchanged and
-   gives each caption exactly what the pipeline gives that prompt.
+   (``text.cache``). T5 is then dropped for a :class:`.text_cache.CachedT5`, a lookup of those states, so the
+   U-Net trainer's conditioning (:func:`kandinsky3.conditioning.training_conditions`, the projection included)
+   runs unchanged and gives each caption exactly what the pipeline gives that prompt.
 3. Latents, once: every image at every training size, encoded by the frozen MoVQ and cached (``data.latent_cache``).
 4. The U-Net: frozen base weights in ``model.dtype`` and a fresh fp32 LoRA (:func:`kandinsky3.lora.inject_lora`),
    or with ``lora.rank`` 0 every U-Net weight trained in fp32; ``model.gradient_checkpointing`` recomputes each
@@ -57,12 +57,13 @@ from .image_datasets import ImageSource, training_images
 from .optim import autocast, build_optimizer, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
 from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, save_image_grid
+from .text_cache import CachedT5, t5_states
 from .seeding import micro_slices
 from .train_unet import DiffusionModel, draw_step, load_trained_state, save_unet_checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finetune", "finetune_config", "CachedT5", "checkpoint_blocks", "ADAPTER"]
+__all__ = ["finetune", "finetune_config", "checkpoint_blocks", "ADAPTER"]
 
 ADAPTER = "finetune"  # the adapter's name inside the run (the file's keys do not carry it)
 LOG_FIELDS = ["loss", "grad_norm", "lr", "ms_per_step"]
@@ -140,37 +141,13 @@ def _resolve(base: str) -> str | Path:
 # ------------------------------------------------------------------------------------ text and latents, once
 
 
-class CachedT5(nn.Module):
-    """T5 encoder states of known token sequences, looked up instead of computed (a frozen T5 gives each sequence
-    one result). Called as T5 is, ``(input_ids=(b,w), attention_mask=(b,w))`` → ``((b,w,D) states,)``.
-
-    Holds ids and 0/1 masks (M,n) and states (M,n,D) on the CPU; a row matches a cached sequence when its first w
-    ids and its length agree. A sequence that is not cached is a KeyError naming it."""
-
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: torch.Tensor):
-        super().__init__()
-        self.ids, self.lengths, self.states = input_ids, attention_mask.sum(dim=1), states
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
-        ids, lengths, width = input_ids.cpu(), attention_mask.cpu().sum(dim=1), input_ids.shape[1]
-        if width > self.ids.shape[1]:
-            raise KeyError(f"token sequences of width {width} are longer than any cached one")
-        same = (ids[:, None, :] == self.ids[None, :, :width]).all(dim=2) & (lengths[:, None] == self.lengths[None])
-        missing = (~same.any(dim=1)).nonzero().flatten().tolist()
-        if missing:
-            raise KeyError(f"token sequences {missing} of the batch are not in the text cache (captions and sample "
-                           f"prompts only)")
-        rows = same.int().argmax(dim=1)  # (b,)
-        return (self.states[rows, :width].to(input_ids.device),)
-
-
 def _digest(items: list[str]) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
 def cached_text_encoder(config: FinetuneConfig, ctx: DistributedContext, checkpoint: Checkpoint,
                         prompts: list[str]) -> TextEncoder:
-    """The base's text encoder with T5 replaced by a :class:`CachedT5` of ``prompts`` (fp32 projection, frozen).
+    """The base's text encoder with T5 replaced by a :class:`.text_cache.CachedT5` of ``prompts`` (fp32 projection, frozen).
 
     T5 runs in bf16 on CUDA (fp32 on the CPU), streamed per ``model.stream_t5``; only rank 0 runs it, and only when
     ``text.cache`` does not already hold these prompts for this base."""
@@ -184,20 +161,6 @@ def cached_text_encoder(config: FinetuneConfig, ctx: DistributedContext, checkpo
     cache = cached_file(path, key, functools.partial(t5_states, encoder, unique), ctx.is_main)
     encoder.t5 = CachedT5(cache["input_ids"], cache["attention_mask"], cache["states"])  # the T5 weights are freed
     return encoder.float().requires_grad_(False)
-
-
-@torch.no_grad()
-def t5_states(encoder: TextEncoder, prompts: list[str], chunk: int = 256) -> dict[str, torch.Tensor]:
-    """T5's last hidden states of every prompt: ids and masks (M,n), states (M,n,D) on the CPU, n = the longest
-    prompt + 1 (a streamed T5 reads its weights once per chunk)."""
-    ids, mask = encoder.tokenize(prompts)
-    width = cut_length(mask)
-    ids, mask = ids[:, :width], mask[:, :width]
-    parts = [encoder.t5(input_ids=ids[i:i + chunk].to(encoder.device),
-                        attention_mask=mask[i:i + chunk].to(encoder.device))[0].cpu()
-             for i in range(0, len(prompts), chunk)]
-    logger.info("T5 encoded %d captions and prompts", len(prompts))
-    return {"input_ids": ids, "attention_mask": mask, "states": torch.cat(parts)}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ image's objects (:func:`.inpainting_masks.object_mask`); the U-Net starts from a
 
 Trained: the U-Net, the text projection and the null embedding, and T5 itself only when
 ``text.train_t5`` (off in the shipped configs: the small model's T5 is pretrained on the captions alone by
-:mod:`.train_text` and stays frozen here, as Kandinsky 3 keeps its Flan-UL2 frozen). The MoVQ
+:mod:`.train_text` and stays frozen here, as Kandinsky 3 keeps its Flan-UL2 frozen). A frozen T5 runs once over
+the captions and sample prompts before the first step and is looked up after that (:mod:`.text_cache`). The MoVQ
 (``model.movq_path``) and the starting U-Net (``model.init_unet``) are read by the project's checkpoint reader, so they may
 be any model folder, e.g. a MoVQ run's ``final/`` or ``kandinsky3/assets/tiny/base``. Outputs in
 ``run.out_dir``: ``config.json``, ``train.log``, ``log.csv``, ``samples/step_XXXXXX.png`` (EMA
@@ -76,6 +77,7 @@ from .optim import autocast, build_optimizer, make_grad_scaler, optimizer_step, 
 from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, save_image_grid, unet_samples
 from .seeding import global_batch_indices, micro_slices, sample_generator, step_generator
+from .text_cache import look_up_t5
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
         # model: text encoder and U-Net (the same fresh weights on every rank, or init_unet), then the checkpoint
         unet, text_encoder = initial_models(config, captions, out_dir, ctx.is_main)
         raw = DiffusionModel(unet, text_encoder, min_snr_gamma=config.loss.min_snr_gamma).to(ctx.device)
+        prompts = [*captions, *config.samples.prompts]  # a frozen T5 runs once per caption, then is looked up
+        t5 = text_encoder.t5 if config.text.train_t5 else look_up_t5(text_encoder, prompts)
         objects = object_anchors(config.data, dataset) if config.data.object_masks else None
         data = prepare_training_set(config, ctx, images, captions, raw.text_encoder, movq, objects)
         state = read_checkpoint(out_dir, config) if resume else None
@@ -180,6 +184,7 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
         # the end: a last checkpoint unless the last step wrote one, then the EMA weights in the native layout
         if not due(step, config.run.checkpoint_interval):
             save_unet_checkpoint(config, ctx, step, raw, model, optimizer, scaler, ema)
+        text_encoder.t5 = t5  # the export writes T5's weights
         with ema.swapped(raw) if ema is not None else contextlib.nullcontext():
             export_model(config, raw, out_dir / EXPORT, ctx.is_main)
         barrier()

@@ -23,7 +23,7 @@ from kandinsky3.pipelines import LoadOptions, load_pipeline
 from kandinsky3.pipelines.load import resolve_model
 from kandinsky3.training.config import load_config
 from kandinsky3.training.distributed import DistributedContext
-from kandinsky3.training.finetune import CachedT5, cached_text_encoder, checkpoint_blocks, finetune, finetune_config
+from kandinsky3.training.finetune import cached_text_encoder, checkpoint_blocks, finetune, finetune_config
 from kandinsky3.weights import load_text_encoder, load_unet, open_checkpoint
 
 pytest.importorskip("peft")
@@ -50,17 +50,6 @@ def config_for(tmp_path: Path, *overrides: str, rank: int = 4, steps: int = 3):
     return finetune_config("tiny", str(data), str(tmp_path / "out.safetensors"), run_dir=str(tmp_path / "run"),
                            rank=rank, steps=steps, lr=1e-3, batch_size=4, device="cpu", checkpoint_interval=0,
                            overrides=("schedule.warmup_steps=1", "run.log_interval=1", *overrides))
-
-
-def test_cached_t5_returns_the_states_of_each_sequence():
-    ids = torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0], [5, 6, 7, 1]])
-    mask = (ids != 0).long()
-    states = torch.randn(3, 4, 2)
-    cache = CachedT5(ids, mask, states)
-    out = cache(input_ids=torch.tensor([[7, 1, 0], [5, 6, 1]]), attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))[0]
-    assert torch.equal(out, torch.stack([states[1, :3], states[0, :3]]))
-    with pytest.raises(KeyError, match="not in the text cache"):
-        cache(input_ids=torch.tensor([[5, 1]]), attention_mask=torch.tensor([[1, 1]]))
 
 
 def test_cached_text_encoder_conditions_equal_those_of_the_full_encoder(tmp_path):

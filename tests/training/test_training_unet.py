@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import T5EncoderModel
 from _tiny_text import tiny_text_encoder
 from _tiny_training import UNET, dataset, max_difference, movq_dir, one_thread, unet_config
 
@@ -119,6 +121,29 @@ def test_unet_resume_continues_exactly(tmp_path, mode):
                                   {k: b[k] for k in ("model", "ema", "optimizer")})
     assert worst <= 1e-6, (where, worst)
     assert ("text_encoder.t5.shared.weight" in a["model"]) == (mode != "inpainting")  # a frozen T5 is not saved
+
+
+def test_a_frozen_t5_runs_once_over_the_captions_and_is_exported_unchanged(tmp_path, monkeypatch):
+    """With text.train_t5 off, T5 runs in one pass over the distinct captions and sample prompts before the first
+    step, never per batch (the sample grid looks its prompts up too), and final/ holds T5's weights as they came."""
+    movq = movq_dir(tmp_path / "movq")
+    train_unet(unet_config(tmp_path / "base", movq, "schedule.max_steps=1"), dataset=dataset())
+    base = tmp_path / "base" / "final"
+    batches = []
+    forward = T5EncoderModel.forward
+    monkeypatch.setattr(T5EncoderModel, "forward",
+                        lambda self, *args, **kwargs: batches.append(len(kwargs["input_ids"])) or forward(self, *args,
+                                                                                                          **kwargs))
+    config = unet_config(tmp_path / "frozen", movq, f"text.encoder_path={base}", "text.t5_config={}",
+                         "text.train_t5=false", "run.sample_interval=4")
+    train_unet(config, dataset=dataset())
+    data = dataset()
+    distinct = {data.caption(i) for i in range(len(data))} | set(config.samples.prompts)
+    assert batches == [len(distinct)]
+    assert (tmp_path / "frozen" / "samples" / "step_000004.png").is_file()
+    before, after = (load_file(folder / "final" / "text_encoder" / "model.safetensors")
+                     for folder in (tmp_path / "base", tmp_path / "frozen"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_export_is_a_native_model_folder_with_the_training_size(tmp_path):
