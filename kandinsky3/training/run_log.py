@@ -43,13 +43,20 @@ def setup_logging(is_main: bool, out_dir: Path | None = None) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if is_main and out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(out_dir / "train.log"))
+        handlers.append(_RunLogFile(out_dir / "train.log", delay=True))
     for handler in handlers:
         handler.setFormatter(formatter)
         handler._kandinsky3_training = True  # so a second run in the same process replaces them
         root.addHandler(handler)
     root.propagate = False
+
+
+class _RunLogFile(logging.FileHandler):
+    """``train.log``, opened (its folder made) at the first record: a run refused before it logs leaves nothing."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
 
 
 def check_run_folder(out_dir: Path, resume: bool) -> None:

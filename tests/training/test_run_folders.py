@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -104,6 +105,26 @@ def test_python_m_kandinsky3_training_refuses_an_earlier_run_in_one_line_too(tmp
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "pass --resume" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_run_refused_for_its_inputs_leaves_no_folder(tmp_path, capsys):
+    """A run whose inputs fail their checks (a missing starting MoVQ) ends with one line and status 2, and its run
+    folder is not created: train.log opens at the first record, not when the command starts."""
+    out = tmp_path / "run"
+    logger = logging.getLogger("kandinsky3")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        status = cli_main(["train", str(_config_file(tmp_path, out)), f"decoder.finetune_from={tmp_path / 'none'}"])
+    finally:  # the command attached its handlers to the package logger: put the test process's back
+        for handler in set(logger.handlers) - set(before[0]):
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(before[1])
+        logger.propagate = before[2]
+    assert status == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(tmp_path / "none") in error
+    assert not out.exists()
 
 
 def test_resume_without_a_checkpoint_is_an_error_that_writes_nothing(tmp_path, capsys, monkeypatch):
