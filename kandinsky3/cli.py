@@ -71,7 +71,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
         help="storage dtype of floating tensors (unset: keep the source dtype; T5's wo stays fp32 under fp16)",
     )
     parser.add_argument(
-        "--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), help="components to convert",
+        "--components", nargs="+", choices=COMPONENTS, default=None,
+        help="components to convert (unset: all three; native sources: those the folder holds)",
     )
     parser.add_argument("--t5-path", default=None, help="T5 folder for a 3.0 checkpoint (unset: google/flan-ul2)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
@@ -81,7 +82,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from kandinsky3.weights import convert
+    from kandinsky3.weights import convert, open_checkpoint
 
     start = time.perf_counter()
     dst = convert(
@@ -89,13 +90,14 @@ def run_convert(args: argparse.Namespace) -> int:
         args.dst,
         variant=args.variant,
         dtype=args.dtype,
-        components=tuple(args.components),
+        components=tuple(args.components) if args.components else None,
         t5_path=args.t5_path,
         overwrite=args.overwrite,
         head_dim=args.head_dim,
         groups=args.groups,
     )
-    print(f"wrote {dst} ({', '.join(args.components)}) in {time.perf_counter() - start:.1f} s")
+    written = open_checkpoint(dst).manifest["components"]
+    print(f"wrote {dst} ({', '.join(written)}) in {time.perf_counter() - start:.1f} s")
     return 0
 
 

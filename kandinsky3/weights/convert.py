@@ -30,7 +30,7 @@ def convert(
     *,
     variant: str | None = None,
     dtype: str | torch.dtype | None = None,
-    components: tuple[str, ...] = COMPONENTS,
+    components: tuple[str, ...] | None = None,
     t5_path: str | Path | None = None,
     overwrite: bool = False,
     head_dim: int = 64,
@@ -40,12 +40,15 @@ def convert(
     """Write ``components`` of the checkpoint ``src`` (folder or Hub repo id) to the native folder ``dst``.
 
     ``variant`` picks the original files (base, flash, inpainting); ``dtype`` ("fp16", "bf16", "fp32" or None to
-    keep) applies to floating tensors (T5's ``wo`` stays fp32 under fp16). ``head_dim``/``groups``/``norm_groups``
+    keep) applies to floating tensors (T5's ``wo`` stays fp32 under fp16). ``components`` None means all three, or
+    for a native source the ones it holds (a MoVQ run's ``final/`` holds only ``movq``). ``head_dim``/``groups``/``norm_groups``
     are used only where a config is inferred from an original file. The source's conditioning, scheduler config and
     sampling defaults are kept. A ``dst`` that overlaps the source, or that ``write_native`` may not replace, is a
     :class:`DestinationError` raised before anything is written. Returns ``dst``.
     """
-    checkpoint = open_checkpoint(src, variant=variant, components=tuple(components), t5_path=t5_path)
+    checkpoint = open_checkpoint(src, variant=variant, components=tuple(components or COMPONENTS), t5_path=t5_path)
+    if components is None:
+        components = tuple(checkpoint.manifest["components"]) if checkpoint.layout == "native" else COMPONENTS
     dst = Path(dst)
     _check_apart(dst, [checkpoint.root] + ([Path(t5_path)] if t5_path is not None else []))
     check_destination(dst, overwrite)  # before any config is inferred

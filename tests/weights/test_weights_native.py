@@ -132,6 +132,17 @@ def test_native_to_native_conversion_keeps_sampling_defaults_and_tensors(tmp_pat
         assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
 
 
+def test_a_movq_only_folder_converts_without_naming_its_components(tmp_path):
+    """A MoVQ run's final/ holds only movq/: converting it (e.g. to fp16, as the bundled model ships) needs no
+    --components; the copy holds the same MoVQ and nothing else."""
+    source = write_native_folder(tmp_path / "run_final", movq=make_movq(seed=2))
+    dst = convert(source, tmp_path / "fp16", dtype="fp16")
+    assert open_checkpoint(dst).manifest["components"] == ["movq"]
+    copied, reference = load_movq(dst).state_dict(), load_movq(source).state_dict()
+    assert copied.keys() == reference.keys()
+    assert all(torch.equal(copied[k], reference[k].half().float()) for k in copied)
+
+
 # ------------------------------------------------------------------------------------------- writer
 
 
