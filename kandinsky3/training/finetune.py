@@ -57,8 +57,8 @@ from .image_datasets import ImageSource, training_images
 from .optim import autocast, build_optimizer, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
 from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, save_image_grid
-from .text_cache import CachedT5, t5_states
 from .seeding import micro_slices
+from .text_cache import CachedT5, t5_states
 from .train_unet import DiffusionModel, draw_step, load_trained_state, save_unet_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ def _digest(items: list[str]) -> str:
 
 def cached_text_encoder(config: FinetuneConfig, ctx: DistributedContext, checkpoint: Checkpoint,
                         prompts: list[str]) -> TextEncoder:
-    """The base's text encoder with T5 replaced by a :class:`.text_cache.CachedT5` of ``prompts`` (fp32 projection, frozen).
+    """The base's text encoder with T5 replaced by a :class:`.text_cache.CachedT5` of ``prompts`` (fp32 projection,
+    frozen).
 
     T5 runs in bf16 on CUDA (fp32 on the CPU), streamed per ``model.stream_t5``; only rank 0 runs it, and only when
     ``text.cache`` does not already hold these prompts for this base."""

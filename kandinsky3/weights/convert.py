@@ -46,7 +46,8 @@ def convert(
     sampling defaults are kept. A ``dst`` that overlaps the source, or that ``write_native`` may not replace, is a
     :class:`DestinationError` raised before anything is written. Returns ``dst``.
     """
-    checkpoint = open_checkpoint(src, variant=variant, components=tuple(components or COMPONENTS), t5_path=t5_path)
+    wanted = tuple(components or COMPONENTS)
+    checkpoint = open_checkpoint(src, variant=variant, components=wanted, t5_path=t5_path)
     if components is None:
         components = tuple(checkpoint.manifest["components"]) if checkpoint.layout == "native" else COMPONENTS
     dst = Path(dst)
