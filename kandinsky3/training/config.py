@@ -278,11 +278,12 @@ class DiffusionLossConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MoVQLossConfig:
-    """Weights of the reconstruction terms: l1·|x̂ − x| + mse·(x̂ − x)² + codebook·VQ."""
+    """Weights of the reconstruction terms: l1·|x̂ − x| + mse·(x̂ − x)² + edge·|∇x̂ − ∇x| + codebook·VQ."""
 
     l1_weight: float
     mse_weight: float
     codebook_weight: float
+    edge_weight: float = 0.0  # L1 between neighbour differences (training.losses.edge_loss); 0 = off
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,14 +13,15 @@ A decoder fine-tune (``decoder.finetune_from``, :class:`.config.DecoderFinetuneC
 MoVQ, freezes its encoder, ``quant_conv`` and codebook, and trains the rest on ``decode(encode(x))``, the
 unquantised latents the pipelines decode; the latent space, and so every U-Net trained on it, stays valid.
 
-Loss per micro-batch: l1·|x̂ − x| + mse·(x̂ − x)² + codebook·VQ, plus, from step ``disc.start``,
+Loss per micro-batch: l1·|x̂ − x| + mse·(x̂ − x)² + codebook·VQ (+ edge·|∇x̂ − ∇x| when ``loss.edge_weight``
+> 0, off in the shipped configs), plus, from step ``disc.start``,
 λ·hinge_G(D(x̂)) with λ = disc.weight (× the adaptive factor of Esser et al. 2021 when
 ``disc.adaptive``); the patch discriminator D is trained with the hinge loss on the same images.
 The codebook (EMA-updated or straight-through, with dead-code restarts, per the ``model`` config) is
 updated once per optimizer step from the encoder outputs of the whole global batch, gathered from
 every process in global order, so the codebook does not depend on the number of processes.
 
-Outputs in ``run.out_dir``: ``config.json``, ``train.log``, ``log.csv`` (l1, mse, psnr, vq, perplexity,
+Outputs in ``run.out_dir``: ``config.json``, ``train.log``, ``log.csv`` (l1, mse, edge, psnr, vq, perplexity,
 codebook usage, latent std, GAN terms, lr, ms/step), ``samples/step_XXXXXX.png``
 (:func:`.sample_grids.movq_samples`), ``checkpoint.pt`` and at the end ``final/``: a native model
 folder (:func:`kandinsky3.weights.native.write_native`) holding only ``movq/``, the EMA weights with
@@ -49,7 +50,8 @@ from .distributed import (DistributedContext, all_gather_cat, barrier, cleanup_d
                           setup_distributed, wrap_model)
 from .ema import EMA
 from .image_datasets import ImageSource, training_images
-from .losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss, psnr, reconstruction_losses
+from .losses import (PatchDiscriminator, adaptive_gan_weight, edge_loss, hinge_d_loss, hinge_g_loss, psnr,
+                     reconstruction_losses)
 from .optim import autocast, build_optimizer, learning_rate, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
 from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
 from .sample_grids import grid_path, movq_samples, save_image_grid
@@ -59,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["train_movq", "rescale_latents_"]
 
-LOG_FIELDS = ["loss", "l1", "mse", "psnr", "vq", "perplexity", "codebook_perplexity", "stale_codes",
+LOG_FIELDS = ["loss", "l1", "mse", "edge", "psnr", "vq", "perplexity", "codebook_perplexity", "stale_codes",
               "latent_std", "gan", "gan_weight", "d_loss", "lr", "ms_per_step"]
 LATENT_QUANTILE = 0.995  # export: |latent| at this quantile of the data is scaled to 1 (see rescale_latents_)
 
@@ -203,6 +205,10 @@ def autoencoder_backward(config: MoVQTrainConfig, ctx: DistributedContext, step:
                 reconstruction, vq_loss, info = model(x, quantize=not config.decoder.enabled)
             l1, mse = reconstruction_losses(reconstruction, x)
             rec_loss = config.loss.l1_weight * l1 + config.loss.mse_weight * mse
+            if config.loss.edge_weight:
+                edge = edge_loss(reconstruction, x)
+                rec_loss = rec_loss + config.loss.edge_weight * edge
+                log.add(edge=edge)
             loss = rec_loss + config.loss.codebook_weight * vq_loss.float()
             if gan is not None:
                 gan_loss, gan_weight = generator_gan_term(config, ctx, movq, gan.module, reconstruction, rec_loss)
