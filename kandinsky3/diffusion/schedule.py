@@ -1,4 +1,4 @@
-"""Noise schedule, forward process and timestep lists (docs/architecture.md §5.1, §5.2, §5.5–§5.8, §6.6).
+"""Noise schedule, forward process and timestep lists (docs/architecture.md §5.1, §5.2, §5.5–§5.8; docs/practice.md §6.6).
 
 Everything here is a pure builder: no state, no randomness, no device globals.
 
@@ -19,7 +19,7 @@ Timestep families
 * ``dpm_solver_timesteps`` — what ``DPMSolverMultistepScheduler.set_timesteps`` builds (n + 1 grid points, the
   final 0 dropped; default spacing "linspace").
 * ``FLASH_TIMESTEPS``     — the fixed Kandinsky Flash list (architecture §5.7).
-* ``img2img_timesteps``   — diffusers' strength truncation (architecture §6.6).
+* ``img2img_timesteps``   — diffusers' strength truncation (practice §6.6).
 
 The diffusers-spacing builders use numpy on purpose: they reproduce diffusers' float64 arithmetic and its
 round-half-to-even so the lists are identical, not merely close.
@@ -220,7 +220,7 @@ def dpm_solver_timesteps(
 
 
 def img2img_timesteps(timesteps: Sequence[int], strength: float) -> list[int]:
-    """Keep the last min(int(n·strength), n) entries of an n-step list (diffusers img2img, architecture §6.6).
+    """Keep the last min(int(n·strength), n) entries of an n-step list (diffusers img2img, practice §6.6).
 
     Defaults (leading, n = 25, strength 0.3) keep 7 steps 241, 201, …, 1; strength 0.75 keeps 18 steps from 681.
     The start latent is ``q_sample(x0, noise, first kept t)``. Raises ValueError when no step would remain.

@@ -1,5 +1,5 @@
 """Image-to-image with the Kandinsky 3 base model (diffusers' ``Kandinsky3Img2ImgPipeline`` semantics,
-docs/architecture.md §6.6).
+docs/practice.md §6.6).
 
 The image is encoded by the MoVQ (no scaling), noised to the first kept timestep with ``q_sample`` and denoised
 over the last min(int(steps·strength), steps) timesteps. Unlike the diffusers port, images of any size work: they

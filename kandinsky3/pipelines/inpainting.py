@@ -1,4 +1,4 @@
-"""Inpainting with the 9-channel Kandinsky 3 U-Net (docs/architecture.md §2.9, §6.4).
+"""Inpainting with the 9-channel Kandinsky 3 U-Net (docs/architecture.md §2.9; docs/practice.md §6.4).
 
 Mask convention at the API: **1 = repaint**, 0 = keep (the seed README's "Set 1 where image
 should be masked").  Inside, the U-Net receives [x_t (4), keep-mask (1), masked-image latent (4)]

@@ -1,4 +1,4 @@
-"""Text-to-image and Kandinsky Flash pipelines (docs/architecture.md §5.5–5.8, §6.2–6.3, §6.5).
+"""Text-to-image and Kandinsky Flash pipelines (docs/architecture.md §5.5–5.8; docs/practice.md §6.2–6.3, §6.5).
 
 ``__call__`` checks the call (:func:`~kandinsky3.pipelines.checks.check_generation`), then ``generate`` runs named
 stages: encode text → per mini-batch (start noise → denoise) → decode → output.

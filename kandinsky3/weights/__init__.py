@@ -21,7 +21,7 @@ a config is inferred from an original file's shapes. A checkpoint and the loaded
 model's :class:`SamplingDefaults` (native folders record them; the released models render at 1024×1024). Errors
 about files raise :class:`CheckpointError` (a ValueError) naming the file and the problem; :class:`HubError` (a
 CheckpointError) lists every Hub file the call needs that could not be obtained. See docs/architecture.md
-§2.10-2.11, §3.4-3.5, §4.3, §7.
+§2.10-2.11, §3.4-3.5, §4.3 and docs/practice.md §7.
 """
 
 from kandinsky3.components import COMPONENTS, SamplingDefaults, parse_dtype

@@ -1,6 +1,6 @@
 """The diffusers Kandinsky 3 layout (``kandinsky-community/kandinsky-3``), read without diffusers.
 
-docs/architecture.md §2.11, §3.5, §7.
+docs/architecture.md §2.11, §3.5 and docs/practice.md §7.
 
 A pipeline folder::
 

@@ -1,4 +1,5 @@
-"""The ai-forever Kandinsky 3.0 / 3.1 checkpoint layouts (docs/architecture.md §2.10, §4.3, §7).
+"""The ai-forever Kandinsky 3.0 / 3.1 checkpoint layouts (docs/architecture.md §2.10, §4.3;
+docs/practice.md §7).
 
 A checkpoint folder (a local copy of ``ai-forever/Kandinsky3.1`` or ``ai-forever/Kandinsky3.0``)::
 
