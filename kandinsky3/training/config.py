@@ -285,6 +285,9 @@ class MoVQLossConfig:
     codebook_weight: float
     edge_weight: float = 0.0  # L1 between neighbour differences (training.losses.edge_loss); 0 = off
 
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "l1_weight", "mse_weight", "codebook_weight", "edge_weight")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DiscriminatorConfig:

@@ -97,7 +97,9 @@ def edge_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tenso
     """Mean |∇x̂ − ∇x| over the horizontal and vertical neighbour differences, in fp32: a blurred edge or a
     rounded corner spreads its gradient where the target's is one sharp step, which the pixel terms barely see."""
     diff = reconstruction.float() - images.float()
-    return 0.5 * ((diff[..., :, 1:] - diff[..., :, :-1]).abs().mean() + (diff[..., 1:, :] - diff[..., :-1, :]).abs().mean())
+    horizontal = (diff[..., :, 1:] - diff[..., :, :-1]).abs().mean()
+    vertical = (diff[..., 1:, :] - diff[..., :-1, :]).abs().mean()
+    return 0.5 * (horizontal + vertical)
 
 
 def psnr(mse: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ A decoder fine-tune (``decoder.finetune_from``, :class:`.config.DecoderFinetuneC
 MoVQ, freezes its encoder, ``quant_conv`` and codebook, and trains the rest on ``decode(encode(x))``, the
 unquantised latents the pipelines decode; the latent space, and so every U-Net trained on it, stays valid.
 
-Loss per micro-batch: l1·|x̂ − x| + mse·(x̂ − x)² + codebook·VQ (+ edge·|∇x̂ − ∇x| when ``loss.edge_weight``
-> 0, off in the shipped configs), plus, from step ``disc.start``,
+Loss per micro-batch: l1·|x̂ − x| + mse·(x̂ − x)² + codebook·VQ (+ edge·|∇x̂ − ∇x| when
+``loss.edge_weight`` > 0, off in the shipped configs), plus, from step ``disc.start``,
 λ·hinge_G(D(x̂)) with λ = disc.weight (× the adaptive factor of Esser et al. 2021 when
 ``disc.adaptive``); the patch discriminator D is trained with the hinge loss on the same images.
 The codebook (EMA-updated or straight-through, with dead-code restarts, per the ``model`` config) is

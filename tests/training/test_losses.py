@@ -56,3 +56,9 @@ def test_a_movq_run_with_the_edge_term_logs_it_and_trains_differently(tmp_path):
     assert runs["edge"][1] and all(float(row["edge"]) > 0 for row in runs["edge"][1])
     weight = "decoder.conv_out.weight"
     assert not torch.equal(runs["plain"][0][weight], runs["edge"][0][weight])
+
+
+def test_a_negative_loss_weight_is_refused(tmp_path):
+    model = MoVQConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, resolution=32, norm_groups=4, codebook_size=32)
+    with pytest.raises(ValueError, match="edge_weight must be >= 0, got -1.0"):
+        movq_config(tmp_path, model, "loss.edge_weight=-1")
