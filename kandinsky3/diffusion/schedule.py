@@ -1,4 +1,5 @@
-"""Noise schedule, forward process and timestep lists (docs/architecture.md §5.1, §5.2, §5.5–§5.8; docs/practice.md §6.6).
+"""Noise schedule, forward process and timestep lists (docs/architecture.md §5.1, §5.2, §5.5–§5.8;
+docs/practice.md §6.6).
 
 Everything here is a pure builder: no state, no randomness, no device globals.
 

@@ -278,7 +278,8 @@ class DiffusionLossConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MoVQLossConfig:
-    """Weights of the reconstruction terms: l1·|x̂ − x| + mse·(x̂ − x)² + edge·|∇x̂ − ∇x| + codebook·VQ."""
+    """Weights of the reconstruction terms:
+    l1·|x̂ − x| + mse·(x̂ − x)² + edge·|∇x̂ − ∇x| + codebook·VQ."""
 
     l1_weight: float
     mse_weight: float

@@ -1,4 +1,5 @@
-"""Schedule values, forward-process helpers and timestep lists (architecture §5.1, §5.2, §5.5, §5.7, §5.8, practice §6.6)."""
+"""Schedule values, forward-process helpers and timestep lists (architecture §5.1, §5.2, §5.5, §5.7, §5.8;
+practice §6.6)."""
 
 import math
 

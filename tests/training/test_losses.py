@@ -16,6 +16,9 @@ from kandinsky3.training.train_movq import train_movq
 
 _single_thread = pytest.fixture(autouse=True)(one_thread)
 
+TINY_MOVQ = MoVQConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32, norm_groups=4,
+                       codebook_size=32)
+
 
 def test_edge_loss_by_hand():
     """A step edge [0, 0, 1, 1] reconstructed as the ramp [0, 0.5, 0.5, 1]: the error [0, .5, -.5, 0] has
@@ -43,12 +46,10 @@ def test_edge_loss_ignores_a_uniform_shift_and_has_gradients():
 def test_a_movq_run_with_the_edge_term_logs_it_and_trains_differently(tmp_path):
     """loss.edge_weight > 0 adds the term to the objective (other weights than the same run without it) and logs
     it; the default 0 leaves the column empty."""
-    model = MoVQConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32, norm_groups=4,
-                       codebook_size=32)
     runs = {}
     for name, weight in (("plain", 0.0), ("edge", 1.0)):
         out = tmp_path / name
-        train_movq(movq_config(out, model, "disc.start=-1", f"loss.edge_weight={weight}"),
+        train_movq(movq_config(out, TINY_MOVQ, "disc.start=-1", f"loss.edge_weight={weight}"),
                    dataset=ShapesDataset(8, image_size=32, seed=3))
         rows = list(csv.DictReader((out / "log.csv").open()))
         runs[name] = (load_checkpoint(out / CHECKPOINT)["model"], rows)
@@ -59,6 +60,5 @@ def test_a_movq_run_with_the_edge_term_logs_it_and_trains_differently(tmp_path):
 
 
 def test_a_negative_loss_weight_is_refused(tmp_path):
-    model = MoVQConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, resolution=32, norm_groups=4, codebook_size=32)
     with pytest.raises(ValueError, match="edge_weight must be >= 0, got -1.0"):
-        movq_config(tmp_path, model, "loss.edge_weight=-1")
+        movq_config(tmp_path, TINY_MOVQ, "loss.edge_weight=-1")
