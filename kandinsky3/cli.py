@@ -119,7 +119,8 @@ def _generation_parser(subparsers: argparse._SubParsersAction, name: str, help: 
                              "before the suffix")
     parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="'tiny' (the bundled small model), a local checkpoint folder in any layout, or a Hub repo id")
+                        help="'tiny' (the bundled small model), a local checkpoint folder in any layout, "
+                             "or a Hub repo id")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt")
     parser.add_argument("--steps", "--num-inference-steps", type=int, default=None,
                         help=f"sampler steps; None = the model's (with its sampler), else the sampler's own "

@@ -121,7 +121,8 @@ class ModelFacts:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: MoVQ factor × U-Net factor (64 for the released and the bundled models)."""
+        """Image sides must be multiples of this: MoVQ factor × U-Net factor (64 for the released and the bundled
+        models)."""
         return self.latent_factor * self.unet_config.downsample_factor
 
     @property

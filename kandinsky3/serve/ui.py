@@ -311,7 +311,8 @@ def build_ui(backend: UIBackend, settings: UISettings = UISettings()) -> gr.Bloc
                     with gr.Tab("Text to image", id="txt2img"):
                         txt2img = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Tab("Image to image", id="img2img"):
-                        init_image = gr.Image(type="pil", image_mode="RGB", label="Input image (resized to Width × Height)",
+                        init_image = gr.Image(type="pil", image_mode="RGB",
+                                              label="Input image (resized to Width × Height)",
                                               sources=["upload", "clipboard"], height=320,
                                               elem_id="img2img-image")
                         strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Strength",

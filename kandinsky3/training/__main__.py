@@ -4,8 +4,8 @@
 
 The config's ``trainer`` picks the trainer: "movq" (:mod:`.train_movq`), "unet" (:mod:`.train_unet`),
 "text" (:mod:`.train_text`: the small model's T5, on captions alone), "finetune" (:mod:`.finetune`: LoRA or full
-fine-tuning of an existing model) or "recipe" (U-Net stages in order). Multi-process launches use torchrun; the commands are in
-:mod:`kandinsky3.training.distributed`.
+fine-tuning of an existing model) or "recipe" (U-Net stages in order). Multi-process launches use torchrun; the
+commands are in :mod:`kandinsky3.training.distributed`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the base: 'tiny', a checkpoint folder or a Hub repo id")
     parser.add_argument("--data", required=True, help="folder of images with captions.jsonl or captions.csv "
                                                       "(columns/keys 'file' and 'caption')")
-    parser.add_argument("--out", required=True, help="the LoRA file to write (.safetensors); with --full a model folder")
+    parser.add_argument("--out", required=True,
+                        help="the LoRA file to write (.safetensors); with --full a model folder")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (the update is scaled by alpha/rank); "
                                                                   "None = the rank")

@@ -164,7 +164,8 @@ def training_masks(
 ) -> torch.Tensor:
     """(B,1,H,W) repaint masks for a training batch, one per generator: an :func:`object_mask` around one of
     ``objects[i]`` (the sample's (x, y, r) anchors) with probability ``object_fraction``, else a
-    :func:`random_mask`. With ``object_fraction`` 0 every mask is ``random_mask(height, width, generator, coverage)``."""
+    :func:`random_mask`. With ``object_fraction`` 0 every mask is
+    ``random_mask(height, width, generator, coverage)``."""
     masks = []
     for i, g in enumerate(generators):
         if object_fraction > 0 and objects and objects[i] and _uniform(g) < object_fraction:

@@ -16,8 +16,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["Lion", "learning_rate", "scheduled_lr", "set_lr", "param_groups", "build_optimizer", "autocast", "make_grad_scaler",
-           "optimizer_step"]
+__all__ = ["Lion", "learning_rate", "scheduled_lr", "set_lr", "param_groups", "build_optimizer", "autocast",
+           "make_grad_scaler", "optimizer_step"]
 
 
 class Lion(torch.optim.Optimizer):

@@ -140,7 +140,8 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
 
 
 def starting_movq(config: MoVQTrainConfig) -> MoVQ:
-    """The MoVQ a decoder fine-tune starts from (``decoder.finetune_from``); its config must equal the run's ``model``."""
+    """The MoVQ a decoder fine-tune starts from (``decoder.finetune_from``); its config must equal the run's
+    ``model``."""
     folder = config.decoder.finetune_from
     start = load_movq(folder, dtype=torch.float32)
     if start.config != config.model:

@@ -35,8 +35,8 @@ Trained: the U-Net, the text projection and the null embedding, and T5 itself on
 ``text.train_t5`` (off in the shipped configs: the small model's T5 is pretrained on the captions alone by
 :mod:`.train_text` and stays frozen here, as Kandinsky 3 keeps its Flan-UL2 frozen). A frozen T5 runs once over
 the captions and sample prompts before the first step and is looked up after that (:mod:`.text_cache`). The MoVQ
-(``model.movq_path``) and the starting U-Net (``model.init_unet``) are read by the project's checkpoint reader, so they may
-be any model folder, e.g. a MoVQ run's ``final/`` or ``kandinsky3/assets/tiny/base``. Outputs in
+(``model.movq_path``) and the starting U-Net (``model.init_unet``) are read by the project's checkpoint reader, so
+they may be any model folder, e.g. a MoVQ run's ``final/`` or ``kandinsky3/assets/tiny/base``. Outputs in
 ``run.out_dir``: ``config.json``, ``train.log``, ``log.csv``, ``samples/step_XXXXXX.png`` (EMA
 weights), ``checkpoint.pt``, ``tokenizer/`` (when trained here) and at the end ``final/``: the EMA
 weights as a native model folder (:func:`kandinsky3.weights.native.write_native`) with U-Net, MoVQ
@@ -340,7 +340,8 @@ def write_samples(config: UNetTrainConfig, ctx: DistributedContext, raw: Diffusi
         return
     raw.eval()
     try:
-        with ema.swapped(raw) if ema is not None else contextlib.nullcontext(), unsharded(model, config.run.fsdp and ctx.distributed):
+        weights = ema.swapped(raw) if ema is not None else contextlib.nullcontext()
+        with weights, unsharded(model, config.run.fsdp and ctx.distributed):
             grid, columns = unet_samples(config, raw.unet, movq, raw.text_encoder, images)
     finally:
         raw.train()

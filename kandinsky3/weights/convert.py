@@ -41,10 +41,11 @@ def convert(
 
     ``variant`` picks the original files (base, flash, inpainting); ``dtype`` ("fp16", "bf16", "fp32" or None to
     keep) applies to floating tensors (T5's ``wo`` stays fp32 under fp16). ``components`` None means all three, or
-    for a native source the ones it holds (a MoVQ run's ``final/`` holds only ``movq``). ``head_dim``/``groups``/``norm_groups``
-    are used only where a config is inferred from an original file. The source's conditioning, scheduler config and
-    sampling defaults are kept. A ``dst`` that overlaps the source, or that ``write_native`` may not replace, is a
-    :class:`DestinationError` raised before anything is written. Returns ``dst``.
+    for a native source the ones it holds (a MoVQ run's ``final/`` holds only ``movq``).
+    ``head_dim``/``groups``/``norm_groups`` are used only where a config is inferred from an original file. The
+    source's conditioning, scheduler config and sampling defaults are kept. A ``dst`` that overlaps the source, or
+    that ``write_native`` may not replace, is a :class:`DestinationError` raised before anything is written.
+    Returns ``dst``.
     """
     wanted = tuple(components or COMPONENTS)
     checkpoint = open_checkpoint(src, variant=variant, components=wanted, t5_path=t5_path)
