@@ -5,6 +5,7 @@ optimizer, EMA — for a training config, at 1 and 2 threads, in fp32 and under 
     python benchmarks/train_step.py --threads 2 --precision bf16 --steps 20
     python benchmarks/train_step.py --ddp 2                      # 2 gloo processes × 1 thread, the global batch split
     python benchmarks/train_step.py --threads 2 --t5 cached per-step   # a frozen T5 looked up, against run per batch
+    python benchmarks/train_step.py --threads 2 --t5 cached --unet-layout default channels_last
 
 Each phase is timed around the trainer's own functions (``draw_step``, ``micro_batch``, ``training_conditions``,
 ``q_sample`` + the U-Net, ``backward``, ``optimizer_step``, ``EMA.update``), after warm-up steps; the MoVQ row is
@@ -56,6 +57,7 @@ def build(config_path: str, overrides: list[str], rank: int = 0, world: int = 1,
         *overrides])
     ctx = DistributedContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
     movq = load_movq(config.model.movq_path, dtype=torch.float32, device=ctx.device).requires_grad_(False)
+    movq = movq.to(memory_format=torch.channels_last)  # as the trainer holds it
     images = training_images(config.data)
     unet, text_encoder = initial_models(config, images.all_captions(), Path("/nonexistent"), True)
     model = DiffusionModel(unet, text_encoder)
@@ -163,6 +165,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ddp", type=int, default=0, help="processes (1 thread each) instead of --threads")
     parser.add_argument("--port", type=int, default=29517)
+    parser.add_argument("--unet-layout", nargs="+", default=["default"], choices=("default", "channels_last"),
+                        help="the U-Net's memory layout (the trainer keeps the default; channels_last to compare)")
     parser.add_argument("--t5", nargs="+", default=["cached", "per-step"], choices=("cached", "per-step"),
                         help="a frozen T5 looked up (as the trainer does) and/or run on every batch")
     args = parser.parse_args()
@@ -171,10 +175,13 @@ def main() -> None:
         return
     for t5 in args.t5:
         parts = build(args.config, args.override, t5=t5)
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            times = time_phases(*parts, steps=args.steps, warmup=args.warmup, precision=args.precision)
-            report(f"{threads} thread(s), {args.precision}, batch {parts[0].schedule.batch_size}, T5 {t5}", times)
+        for layout in args.unet_layout:
+            parts[-1].unet.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                times = time_phases(*parts, steps=args.steps, warmup=args.warmup, precision=args.precision)
+                report(f"{threads} thread(s), {args.precision}, batch {parts[0].schedule.batch_size}, T5 {t5}, "
+                       f"U-Net layout {layout}", times)
 
 
 if __name__ == "__main__":

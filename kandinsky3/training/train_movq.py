@@ -87,10 +87,10 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
         out_dir = prepare_out_dir(config, ctx.is_main)
         images = training_images(config.data, dataset)
         # model: the same fresh (or starting) weights on every rank, the global RNG untouched; DDP runs `model`,
-        # `movq` is saved
+        # `movq` is saved. Channels-last weights: the convolutions then run in that layout, ~2x faster on CPU
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.run.seed)
-            movq = MoVQ(config.model).to(ctx.device)
+            movq = MoVQ(config.model).to(ctx.device, memory_format=torch.channels_last)
         if start is not None:
             freeze_latent_space(movq, start)
         model = wrap_model(movq, ctx)

@@ -60,9 +60,12 @@ def _oracle_pair(config: MoVQConfig, seed: int, num_vq_embeddings: int = 12):
     return vq, ours
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["default", "channels_last"])
 @pytest.mark.parametrize("config, shape", [(TINY, (2, 3, 16, 16)), (DEEP, (2, 3, 24, 16))], ids=["tiny", "deep"])
-def test_movq_matches_diffusers_vqmodel_encode_and_decode(config, shape):
+def test_movq_matches_diffusers_vqmodel_encode_and_decode(config, shape, layout):
+    """In both memory formats: the trainers move the MoVQ to channels-last (faster on CPU), the pipelines do not."""
     vq, ours = _oracle_pair(config, seed=0)
+    ours = ours.to(memory_format=layout)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         ref_z = vq.encode(x).latents
@@ -77,6 +80,32 @@ def test_movq_matches_diffusers_vqmodel_encode_and_decode(config, shape):
     assert img.shape == (shape[0], config.out_ch, shape[2], shape[3])
     assert enc_err <= PARITY_ATOL and dec_err <= PARITY_ATOL
     assert ref_img.abs().max() > 0.1  # the comparison is not between two near-zero tensors
+    if layout == torch.channels_last:  # it runs its layers in that layout whatever the input's (the speed is there)
+        assert z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
+        assert img.is_contiguous(memory_format=torch.channels_last) and not img.is_contiguous()
+
+
+def test_channels_last_training_step_matches_the_default_layout():
+    """The MoVQ trainer's layout: the same loss and gradients (to float rounding), gradients stored like the weights."""
+    config = MoVQConfig(**{**TINY.to_dict(), "codebook_size": 16})
+    default = randomize_near_identity_(MoVQ(config), seed=4).train()
+    fast = MoVQ(config).train()
+    fast.load_state_dict(default.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    losses = []
+    for model in (default, fast):
+        recon, qloss, _ = model(x, generator=torch.Generator().manual_seed(1))
+        loss = (recon - x).abs().mean() + qloss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
+    for (name, a), b in zip(default.named_parameters(), fast.parameters()):
+        assert b.grad is not None, name
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    for conv in (fast.encoder.conv_in, fast.decoder.conv_out):  # 3×3 weights and their gradients stay channels-last
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_quantised_decode_matches_diffusers_codebook_path():
