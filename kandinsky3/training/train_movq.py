@@ -87,7 +87,8 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
         out_dir = prepare_out_dir(config, ctx.is_main)
         images = training_images(config.data, dataset)
         # model: the same fresh (or starting) weights on every rank, the global RNG untouched; DDP runs `model`,
-        # `movq` is saved. Channels-last weights: the convolutions then run in that layout, ~2x faster on CPU
+        # `movq` is saved. Channels-last weights: the convolutions then run in that layout, 1.15x (ch=16) to 1.5x
+        # (ch=24) a step on CPU (benchmarks/README.md, "movq_layout.py")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.run.seed)
             movq = MoVQ(config.model).to(ctx.device, memory_format=torch.channels_last)

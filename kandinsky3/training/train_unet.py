@@ -131,7 +131,7 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
     try:
         out_dir = prepare_out_dir(config, ctx.is_main)
         # data: the images and their captions; the frozen MoVQ that turns images into latents (channels-last:
-        # ~2x faster encoding on CPU, benchmarks/README.md)
+        # 1.16x (ch=16) to 2.35x (ch=24) faster encoding on CPU, benchmarks/README.md, "movq_layout.py")
         movq = load_movq(config.model.movq_path, dtype=torch.float32, device=ctx.device).requires_grad_(False)
         movq = movq.to(memory_format=torch.channels_last)
         images = training_images(config.data, dataset)
