@@ -199,11 +199,14 @@ class ScheduleConfig:
 class EMAConfig:
     """The exponential moving average of the trained weights (training.ema), which the run exports."""
 
-    decay: float  # 0 disables the EMA copy; the warm-up is ema.ema_decay_at
+    decay: float  # 0 disables the EMA copy; the cap on the warm-up of training.ema.ema_decay_at
+    power: float = 8.0  # the warm-up (1+s)/(s+power+2): weights ~ s**power until it reaches decay
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
+        if not 0.0 <= self.power < 1e6:
+            raise ValueError(f"ema.power must be a number >= 0, got {self.power}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -98,7 +98,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, dataset: Dataset |
         optimizer = build_optimizer(config.optim.name, raw.named_parameters(), config.optim.lr, config.optim.betas,
                                     config.optim.weight_decay)
         scaler = make_grad_scaler(config.run.precision, ctx.device)
-        ema = EMA(raw, config.ema.decay) if config.ema.decay > 0 else None
+        ema = EMA(raw, config.ema.decay, config.ema.power) if config.ema.decay > 0 else None
         step = 0
         if state is not None:
             load_optimizer_state(model, optimizer, state["optimizer"], config.run.fsdp)

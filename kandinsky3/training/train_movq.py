@@ -100,7 +100,7 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
         optimizer = build_optimizer(optim.name, movq.named_parameters(), optim.lr, optim.betas, optim.weight_decay)
         scaler = make_grad_scaler(config.run.precision, ctx.device)
         disc = build_discriminator(config, ctx) if config.disc.start >= 0 else None
-        ema = EMA(movq, config.ema.decay) if config.ema.decay > 0 else None
+        ema = EMA(movq, config.ema.decay, config.ema.power) if config.ema.decay > 0 else None
         state = read_checkpoint(out_dir, config) if resume else None
         step = restore(state, movq, optimizer, scaler, disc, ema) if state is not None else 0
         logger.info("MoVQ: %.2fM parameters; %d training images; device %s, %d process(es)",

@@ -73,7 +73,7 @@ def train_text(config: TextTrainConfig, *, resume: bool = False) -> Path:
     model = fresh_model(config, tokenizer).to(device)
     optimizer = build_optimizer(optim.name, model.named_parameters(), optim.lr, optim.betas, optim.weight_decay)
     scaler = make_grad_scaler(config.run.precision, device)
-    ema = EMA(model, config.ema.decay) if config.ema.decay > 0 else None
+    ema = EMA(model, config.ema.decay, config.ema.power) if config.ema.decay > 0 else None
     step = 0
     if resume:
         state = read_checkpoint(out_dir, config)

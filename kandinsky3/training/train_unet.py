@@ -151,7 +151,7 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
         optim = config.optim
         optimizer = build_optimizer(optim.name, raw.named_parameters(), optim.lr, optim.betas, optim.weight_decay)
         scaler = make_grad_scaler(config.run.precision, ctx.device)
-        ema = EMA(raw, config.ema.decay) if config.ema.decay > 0 else None
+        ema = EMA(raw, config.ema.decay, config.ema.power) if config.ema.decay > 0 else None
         step = 0
         if state is not None:
             load_optimizer_state(model, optimizer, state["optimizer"], config.run.fsdp)

@@ -15,7 +15,7 @@ from kandinsky3.models.text_encoder import TextEncoder
 from kandinsky3.models.unet_config import UNetConfig
 from kandinsky3.training.__main__ import build_parser, main
 from kandinsky3.training.caption_tokenizer import train_caption_tokenizer
-from kandinsky3.training.config import (MoVQTrainConfig, UNetTrainConfig, apply_overrides, config_to_dict,
+from kandinsky3.training.config import (EMAConfig, MoVQTrainConfig, UNetTrainConfig, apply_overrides, config_to_dict,
                                         load_config, load_run_configs, parse_config, recipe_stages, save_config)
 from kandinsky3.training.ema import EMA, ema_decay_at
 from kandinsky3.training.optim import Lion, build_optimizer, learning_rate, scheduled_lr
@@ -239,6 +239,29 @@ def test_weight_decay_only_on_matrices():
     optimizer = build_optimizer("adamw", model.named_parameters(), 1e-3, (0.9, 0.99), 0.1)
     decayed = [p.shape for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
     assert decayed == [torch.Size([4, 3])]
+
+
+def test_ema_power_sets_the_warm_up_average():
+    """The warm-up (1+s)/(s+power+2): power 8 (the default) is the long-standing (1+s)/(10+s); power 0 averages every
+    weight seen, the initial one included, equally; a larger power weights the recent steps more."""
+    assert ema_decay_at(99, 0.9995) == pytest.approx(100 / 109) == ema_decay_at(99, 0.9995, 8.0)
+    assert ema_decay_at(17990, 0.9995, 8.0) == pytest.approx(0.9995)  # where the docstring says the cap is reached
+    model = torch.nn.Linear(1, 1, bias=False)
+    seen = [model.weight.detach().clone()]
+    averages = {power: EMA(model, decay=0.999999, power=power) for power in (0.0, 8.0)}
+    generator = torch.Generator().manual_seed(0)
+    for step in range(50):
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(1, 1, generator=generator) + step / 10)  # weights drift upwards
+        seen.append(model.weight.detach().clone())
+        for ema in averages.values():
+            ema.update(model, step)
+    mean = torch.stack(seen).mean(0)
+    assert torch.allclose(averages[0.0].state_dict()["weight"], mean, atol=1e-6)
+    assert averages[8.0].state_dict()["weight"] > mean + 1.0  # the recent, larger weights dominate
+    with pytest.raises(ValueError, match="ema.power"):
+        EMAConfig(decay=0.999, power=-1.0)
+    assert EMAConfig(decay=0.999).power == 8.0  # configs written before the key load unchanged
 
 
 def test_ema_update_warmup_and_exact_swap():
