@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Any
 
 from ..models.movq import MoVQConfig
 from ..models.unet_config import UNetConfig
+from .ema import WARMUP_POWER
 
 __all__ = [
     "RunConfig",
@@ -200,12 +202,12 @@ class EMAConfig:
     """The exponential moving average of the trained weights (training.ema), which the run exports."""
 
     decay: float  # 0 disables the EMA copy; the cap on the warm-up of training.ema.ema_decay_at
-    power: float = 8.0  # the warm-up (1+s)/(s+power+2): weights ~ s**power until it reaches decay
+    power: float = WARMUP_POWER  # the warm-up (1+s)/(s+power+2): weights ~ s**power until it reaches decay
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
-        if not 0.0 <= self.power < 1e6:
+        if not (math.isfinite(self.power) and self.power >= 0.0):
             raise ValueError(f"ema.power must be a number >= 0, got {self.power}")
 
 

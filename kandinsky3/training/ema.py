@@ -17,17 +17,27 @@ from the same module, so names never carry wrapper prefixes.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["EMA", "ema_decay_at"]
+if TYPE_CHECKING:
+    from .config import EMAConfig
+
+__all__ = ["EMA", "WARMUP_POWER", "build_ema", "ema_decay_at"]
+
+WARMUP_POWER = 8.0  # the default warm-up (1+s)/(10+s)
 
 
-def ema_decay_at(step: int, decay: float, power: float = 8.0) -> float:
+def ema_decay_at(step: int, decay: float, power: float = WARMUP_POWER) -> float:
     """Decay used after optimizer step ``step`` (0-based): min(decay, (1+step)/(step+power+2))."""
     return min(decay, (1.0 + step) / (step + power + 2.0))
+
+
+def build_ema(module: nn.Module, config: EMAConfig) -> EMA | None:
+    """The EMA a run's ``ema`` section asks for, or None when ``decay`` is 0."""
+    return EMA(module, config.decay, config.power) if config.decay > 0 else None
 
 
 class EMA:
@@ -38,7 +48,7 @@ class EMA:
     :meth:`full_state_dict` gathers the full tensors.
     """
 
-    def __init__(self, module: nn.Module, decay: float, power: float = 8.0):
+    def __init__(self, module: nn.Module, decay: float, power: float = WARMUP_POWER):
         self.decay, self.power = decay, power
         self.names = [name for name, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())

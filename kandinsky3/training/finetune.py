@@ -52,7 +52,7 @@ from .checkpoint import cached_file, holds_key, read_checkpoint, restore_trainin
 from .config import FinetuneConfig, apply_overrides, config_to_dict, parse_config
 from .distributed import (DistributedContext, barrier, cleanup_distributed, full_state_dict, load_optimizer_state,
                           no_sync, setup_distributed, unsharded, wrap_model)
-from .ema import EMA
+from .ema import EMA, build_ema
 from .image_datasets import ImageSource, training_images
 from .optim import autocast, build_optimizer, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
 from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepare_out_dir
@@ -98,7 +98,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, dataset: Dataset |
         optimizer = build_optimizer(config.optim.name, raw.named_parameters(), config.optim.lr, config.optim.betas,
                                     config.optim.weight_decay)
         scaler = make_grad_scaler(config.run.precision, ctx.device)
-        ema = EMA(raw, config.ema.decay, config.ema.power) if config.ema.decay > 0 else None
+        ema = build_ema(raw, config.ema)
         step = 0
         if state is not None:
             load_optimizer_state(model, optimizer, state["optimizer"], config.run.fsdp)

@@ -48,7 +48,7 @@ from .checkpoint import CHECKPOINT, read_checkpoint, restore_training_state, sav
 from .config import MoVQTrainConfig
 from .distributed import (DistributedContext, all_gather_cat, barrier, cleanup_distributed, no_sync,
                           setup_distributed, wrap_model)
-from .ema import EMA
+from .ema import EMA, build_ema
 from .image_datasets import ImageSource, training_images
 from .losses import (PatchDiscriminator, adaptive_gan_weight, edge_loss, hinge_d_loss, hinge_g_loss, psnr,
                      reconstruction_losses)
@@ -100,7 +100,7 @@ def train_movq(config: MoVQTrainConfig, *, resume: bool = False, dataset: Datase
         optimizer = build_optimizer(optim.name, movq.named_parameters(), optim.lr, optim.betas, optim.weight_decay)
         scaler = make_grad_scaler(config.run.precision, ctx.device)
         disc = build_discriminator(config, ctx) if config.disc.start >= 0 else None
-        ema = EMA(movq, config.ema.decay, config.ema.power) if config.ema.decay > 0 else None
+        ema = build_ema(movq, config.ema)
         state = read_checkpoint(out_dir, config) if resume else None
         step = restore(state, movq, optimizer, scaler, disc, ema) if state is not None else 0
         logger.info("MoVQ: %.2fM parameters; %d training images; device %s, %d process(es)",

@@ -41,7 +41,7 @@ from ..data.shapes import OBJECT_COLOURS, POSITIONS, SHAPES, SIZES, caption, eva
 from ..errors import UsageError
 from .checkpoint import CHECKPOINT, read_checkpoint, restore_training_state, save_checkpoint
 from .config import TextTrainConfig
-from .ema import EMA
+from .ema import build_ema
 from .image_datasets import build_dataset, dataset_captions
 from .initial_models import fresh_t5_config, run_tokenizer
 from .optim import autocast, build_optimizer, make_grad_scaler, optimizer_step, scheduled_lr, set_lr
@@ -73,7 +73,7 @@ def train_text(config: TextTrainConfig, *, resume: bool = False) -> Path:
     model = fresh_model(config, tokenizer).to(device)
     optimizer = build_optimizer(optim.name, model.named_parameters(), optim.lr, optim.betas, optim.weight_decay)
     scaler = make_grad_scaler(config.run.precision, device)
-    ema = EMA(model, config.ema.decay, config.ema.power) if config.ema.decay > 0 else None
+    ema = build_ema(model, config.ema)
     step = 0
     if resume:
         state = read_checkpoint(out_dir, config)

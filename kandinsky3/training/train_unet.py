@@ -68,7 +68,7 @@ from .checkpoint import CHECKPOINT, cached_file, read_checkpoint, restore_traini
 from .config import UNetTrainConfig
 from .distributed import (DistributedContext, barrier, cleanup_distributed, full_state_dict, load_optimizer_state,
                           no_sync, optimizer_state, setup_distributed, unsharded, wrap_model)
-from .ema import EMA
+from .ema import EMA, build_ema
 from .image_datasets import ImageSource, MaterializedImages, object_anchors, training_images
 from .initial_models import initial_models
 from .inpainting_masks import training_masks
@@ -151,7 +151,7 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
         optim = config.optim
         optimizer = build_optimizer(optim.name, raw.named_parameters(), optim.lr, optim.betas, optim.weight_decay)
         scaler = make_grad_scaler(config.run.precision, ctx.device)
-        ema = EMA(raw, config.ema.decay, config.ema.power) if config.ema.decay > 0 else None
+        ema = build_ema(raw, config.ema)
         step = 0
         if state is not None:
             load_optimizer_state(model, optimizer, state["optimizer"], config.run.fsdp)
