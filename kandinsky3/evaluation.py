@@ -55,6 +55,7 @@ from .lowmem.storage import compute_dtype
 __all__ = [
     "DetectedObject", "SCORE_KEYS", "analyze", "estimate_background", "evaluate", "inpainting_score",
     "label_components", "score", "to_rgb_array", "evaluate_text_to_image", "movq_psnr", "evaluate_inpainting",
+    "wilson_interval",
 ]
 
 FOREGROUND_THRESHOLD = 40.0  # RGB distance from the background; the closest object/background pair is ~100
@@ -64,6 +65,7 @@ TRIANGLE_SKEW = 0.15  # |vertical skewness| above → triangle (≈ 0.57; circle
 SQUARE_CORNER_RATIO = 0.87  # corner ratio above → square (square 1, disk 0.67; triangle decided first)
 RELATION_MARGIN = 0.15  # "X above Y": Y's centre at least this much lower (fraction of the side)
 SCORE_KEYS = ("colour_shape", "position", "size", "count", "background")
+Z_95 = 1.959964  # two-sided 95 % quantile of the standard normal
 
 _OBJECT_RGB = np.array([COLOURS[c] for c in OBJECT_COLOURS], dtype=np.float32)
 _BACKGROUND_RGB = np.array([COLOURS[c] for c in BACKGROUNDS], dtype=np.float32)
@@ -316,8 +318,9 @@ def evaluate(
 
     ``prompts`` are captions or ``(caption, scene)`` pairs as from ``eval_prompts``; batch b is
     generated with seed ``seed + b``. Returns, for each of ``SCORE_KEYS``, the accuracy over the
-    prompts where it is stated (None if none) and that count as ``<key>_n``, plus ``num_prompts``
-    and the per-prompt ``records``. Report seen and held-out prompt lists with separate calls.
+    prompts where it is stated (None if none), that count as ``<key>_n`` and the accuracy's 95 %
+    interval as ``<key>_ci95`` (:func:`wilson_interval`), plus ``num_prompts`` and the per-prompt
+    ``records``. Report seen and held-out prompt lists with separate calls.
     ``progress``: a progress bar over the prompts (on stderr), labelled ``desc``.
     """
     if batch_size < 1:
@@ -339,8 +342,23 @@ def evaluate(
         values = [r[key] for r in records if r[key] is not None]
         report[key] = float(np.mean(values)) if values else None
         report[f"{key}_n"] = len(values)
+        report[f"{key}_ci95"] = wilson_interval(sum(values), len(values))
     report["records"] = records
     return report
+
+
+def wilson_interval(hits: int, n: int, z: float = Z_95) -> list[float] | None:
+    """[low, high]: the Wilson score interval (95 % by default) of a rate measured as ``hits`` of ``n`` prompts;
+    None when n = 0. It says how far a figure can move on other prompts: at 200 prompts per split a measured
+    94.5 % is [90.4, 96.9] %, so two models (or two runs of one recipe) a point apart are not told apart."""
+    if n < 0 or not 0 <= hits <= n:
+        raise ValueError(f"need 0 <= hits <= n, got hits={hits}, n={n}")
+    if n == 0:
+        return None
+    p, z2 = hits / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [0.0 if hits == 0 else centre - half, 1.0 if hits == n else centre + half]  # exact at the ends
 
 
 def _mask_array(mask, shape: tuple[int, int]) -> np.ndarray:
@@ -456,8 +474,11 @@ def evaluate_inpainting(pipe, num_prompts: int = 200, *, image_size: int | None 
         raw.append(inpainting_score(prompt, image, generated, mask))
         pasted.append(inpainting_score(prompt, image, Image.fromarray(kept), mask))
 
-    def summary(results: list[dict]) -> dict[str, float]:
-        return {key: float(np.mean([r[key] for r in results])) for key in ("object_in_mask", "outside_unchanged",
-                                                                           "outside_mad")}
+    def summary(results: list[dict]) -> dict:
+        report = {key: float(np.mean([r[key] for r in results])) for key in ("object_in_mask", "outside_unchanged",
+                                                                             "outside_mad")}
+        for key in ("object_in_mask", "outside_unchanged"):  # rates; outside_mad is a mean distance
+            report[f"{key}_ci95"] = wilson_interval(sum(r[key] for r in results), len(results))
+        return report
 
     return {"num_prompts": len(cases), **summary(pasted), "before_paste_back": summary(raw)}

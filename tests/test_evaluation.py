@@ -16,7 +16,8 @@ from kandinsky3.data.shapes import (
     render,
     render_array,
 )
-from kandinsky3.evaluation import SCORE_KEYS, analyze, evaluate, inpainting_score, label_components, score
+from kandinsky3.evaluation import (SCORE_KEYS, analyze, evaluate, inpainting_score, label_components, score,
+                                   wilson_interval)
 
 
 def _rendered(n, split, image_size=64, seed=0):
@@ -152,8 +153,27 @@ def test_evaluate_aggregates_scores_over_batches():
     assert seeds == [100, 101, 102] and report["num_prompts"] == 20 and len(report["records"]) == 20
     assert report["colour_shape"] == 1.0 and report["count"] == 1.0 and report["colour_shape_n"] == 20
     assert report["position_n"] == sum(r["position"] is not None for r in report["records"])
+    low, high = report["colour_shape_ci95"]
+    assert 0.8 < low < 1.0 == high  # 20 of 20 right still leaves room below 100 %
     blank = evaluate(lambda batch, seed: [Image.new("RGB", (64, 64), "white")] * len(batch), [p for p, _ in prompts])
     assert blank["colour_shape"] == 0.0 and blank["count"] == 0.0
+
+
+@pytest.mark.parametrize("hits, n, low, high", [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605),
+                                                 (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
+def test_wilson_interval_matches_newcombes_published_intervals(hits, n, low, high):
+    """Newcombe (1998), "Two-sided confidence intervals for the single proportion", Stat. Med. 17:857, the worked examples,
+    method 3 (the score interval without continuity correction), to its four decimals."""
+    assert wilson_interval(hits, n) == pytest.approx([low, high], abs=5e-5)
+
+
+def test_wilson_interval_narrows_with_more_prompts_and_refuses_impossible_counts():
+    widths = [high - low for low, high in (wilson_interval(19 * k, 20 * k) for k in (1, 10, 100))]
+    assert widths[0] > widths[1] > widths[2] > 0
+    assert wilson_interval(0, 0) is None and wilson_interval(5, 5)[1] == 1.0
+    for hits, n in ((3, 2), (-1, 4), (0, -1)):
+        with pytest.raises(ValueError, match="hits"):
+            wilson_interval(hits, n)
 
 
 def test_evaluate_refuses_bad_prompts_and_bad_outputs_early():
@@ -203,6 +223,8 @@ def test_evaluate_inpainting_reports_the_pipelines_paste_back_and_the_raw_output
                   for k, (prompt, image, mask) in enumerate(cases)]
         for key in ("object_in_mask", "outside_unchanged", "outside_mad"):
             assert expected[key] == pytest.approx(np.mean([s[key] for s in scores]), abs=1e-12), key
+        for key in ("object_in_mask", "outside_unchanged"):
+            assert expected[f"{key}_ci95"] == wilson_interval(sum(s[key] for s in scores), len(scores)), key
     assert report["outside_mad"] == 0.0 and report["before_paste_back"]["outside_mad"] > 0.0
     with pytest.raises(ValueError, match="paste_back"):
         evaluate_inpainting(pipe, num_prompts=1, paste_back=False)
