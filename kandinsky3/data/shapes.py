@@ -206,8 +206,10 @@ def _pick(rng: np.random.Generator, options, cumulative=None):
     return options[min(bisect.bisect_right(cumulative, rng.random()), len(options) - 1)]
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
-    """Draw a complete random scene (1 or 2 objects, each equally likely) for ``split``."""
+def sample_scene(rng: np.random.Generator, split: str = "train", p_and: float = P_AND) -> Scene:
+    """Draw a complete random scene (1 or 2 objects, each equally likely) for ``split``; a two-object scene's
+    relation is "and" with probability ``p_and``, else the spatial relation of its positions. The draws do not
+    depend on ``p_and``: only the relation does, never what is rendered."""
     _check_split(split)
     n = 1 + int(rng.integers(2))
     held = int(rng.integers(n)) if split == "heldout" else -1
@@ -221,7 +223,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     else:
         positions = _pick(rng, POSITION_PAIRS)
         spatial = next(rel for rel, pos in RELATION_POSITIONS.items() if pos == positions)
-        relation = "and" if rng.random() < P_AND else spatial
+        relation = "and" if rng.random() < p_and else spatial
     objects = tuple(
         ShapeSpec(shape=s, colour=c, size=_pick(rng, SIZES), position=pos) for (c, s), pos in zip(pairs, positions)
     )
@@ -479,17 +481,23 @@ class ShapesDataset(torch.utils.data.Dataset):
     """``num_samples`` captioned shape images generated on the fly.
 
     ``dataset[i]`` is ``(image, caption)``: a float32 (3, image_size, image_size) tensor in [-1, 1]
-    and a str. Item i depends only on (seed, split, i).
+    and a str. Item i depends only on (seed, split, i). ``and_captions`` is the share of two-object scenes
+    captioned "X and Y" rather than by their relation ("X above Y"): a training-only caption mix, which changes
+    captions and never images (:func:`sample_scene`), so cached latents stay valid.
     """
 
-    def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0, split: str = "train"):
+    def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0, split: str = "train",
+                 and_captions: float = P_AND):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         check_image_size(image_size)
         _check_split(split)
+        if not isinstance(and_captions, (int, float)) or not 0.0 <= and_captions <= 1.0:
+            raise ValueError(f"and_captions must be a share in [0, 1], got {and_captions!r}")
         self.num_samples, self.image_size, self.seed, self.split = num_samples, image_size, seed, split
+        self.and_captions = float(and_captions)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -501,23 +509,23 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def scene(self, index: int) -> Scene:
         """Ground-truth scene of item ``index``."""
-        return sample_scene(self._rng(index), self.split)
+        return sample_scene(self._rng(index), self.split, self.and_captions)
 
     def caption(self, index: int) -> str:
         """Caption of item ``index``, without rendering it (the placement draws are replayed, not drawn on)."""
         rng = self._rng(index)
-        scene = sample_scene(rng, self.split)
+        scene = sample_scene(rng, self.split, self.and_captions)
         layout(scene, rng)  # the same draws render_array makes before the caption's
         return caption(scene, rng)
 
     def placements(self, index: int) -> tuple[Placement, ...]:
         """Where item ``index``'s objects are drawn (anchor and scale, fractions of the side), without rendering."""
         rng = self._rng(index)
-        return layout(sample_scene(rng, self.split), rng)
+        return layout(sample_scene(rng, self.split, self.and_captions), rng)
 
     def _generate(self, index: int) -> tuple[np.ndarray, str, Scene]:
         rng = self._rng(index)
-        scene = sample_scene(rng, self.split)
+        scene = sample_scene(rng, self.split, self.and_captions)
         array = render_array(scene, self.image_size, rng)
         return array, caption(scene, rng), scene
 

@@ -118,12 +118,20 @@ class DataConfig:
     num_samples: int  # shapes: number of images
     data_seed: int  # shapes: seed of the scenes
     image_size: int  # square side in pixels
+    # shapes: share of two-object scenes captioned "X and Y" instead of by their relation ("X above Y"); the
+    # default is the caption grammar's own (shapes.P_AND, which the evaluation prompts keep). Captions only: the
+    # images, and so a latent cache, do not change with it
+    and_captions: float = 0.4
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, ("shapes", "folder"))
         if self.dataset == "folder" and not self.data_root:
             raise ValueError("data.dataset='folder' needs data.data_root (images and captions.jsonl/.csv)")
         _at_least(self, 1, "num_samples", "image_size")
+        if not 0.0 <= self.and_captions <= 1.0:
+            raise ValueError(f"data.and_captions must be in [0, 1], got {self.and_captions}")
+        if self.dataset != "shapes" and self.and_captions != 0.4:
+            raise ValueError("data.and_captions sets the shapes set's captions; a folder dataset has its own")
 
 
 @dataclass(frozen=True, kw_only=True)

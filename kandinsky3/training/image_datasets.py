@@ -124,7 +124,8 @@ def build_dataset(data: DataConfig) -> Dataset:
         return FolderDataset(data.data_root, data.image_size)
     from ..data.shapes import ShapesDataset
 
-    return ShapesDataset(data.num_samples, image_size=data.image_size, seed=data.data_seed)
+    return ShapesDataset(data.num_samples, image_size=data.image_size, seed=data.data_seed,
+                         and_captions=data.and_captions)
 
 
 def dataset_captions(dataset: Dataset) -> list[str]:

@@ -59,6 +59,32 @@ def test_item_depends_only_on_seed_split_and_index():
     assert differs(other_seed) >= 18 and differs(other_split) >= 18
 
 
+def test_and_captions_changes_captions_only_and_the_evaluation_prompts_not_at_all():
+    """A training-only caption mix: the same images (so a latent cache stays valid), more two-object scenes
+    captioned "X and Y" instead of by their relation, every caption still in the grammar and true of its image."""
+    n = 400
+    grammar, mixed = ShapesDataset(n, seed=5), ShapesDataset(n, seed=5, and_captions=0.9)
+    assert grammar.and_captions == shapes.P_AND
+    for i in range(0, n, 40):
+        assert torch.equal(grammar[i][0], mixed[i][0]) and grammar.placements(i) == mixed.placements(i)
+    relations = lambda d: [d.scene(i).relation for i in range(n) if len(d.scene(i).objects) == 2]
+    before, after = relations(grammar), relations(mixed)
+    assert len(before) == len(after) > 150
+    assert before.count("and") / len(before) < 0.55 and after.count("and") / len(after) > 0.8
+    for i in range(n):  # a flipped relation flips nothing else: same objects, positions, background
+        a, b = grammar.scene(i), mixed.scene(i)
+        assert a.objects == b.objects and a.background == b.background
+        spec = parse_caption(mixed.caption(i))
+        assert spec.relation == b.relation and [o.shape for o in spec.objects] == [o.shape for o in b.objects]
+    pairs = [scene.relation for _, scene in eval_prompts(n, "seen") if len(scene.objects) == 2]
+    assert 0.3 < pairs.count("and") / len(pairs) < 0.5  # the evaluation prompts keep the grammar's shapes.P_AND
+    assert not any(ShapesDataset(n, seed=5, and_captions=0.0).scene(i).relation == "and" for i in range(n))
+    assert all(ShapesDataset(n, seed=5, and_captions=1.0).scene(i).relation in (None, "and") for i in range(n))
+    for bad in (-0.1, 1.5, "0.5"):
+        with pytest.raises(ValueError, match="and_captions"):
+            ShapesDataset(10, and_captions=bad)
+
+
 def test_scene_method_is_the_scene_behind_the_item():
     dataset = ShapesDataset(50, seed=1)
     for i in range(50):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from _tiny_training import MOVQ, UNET, movq_config, unet_config
 
-from kandinsky3.data.shapes import ShapesDataset
+from kandinsky3.data.shapes import P_AND, ShapesDataset
 from kandinsky3.models.text_encoder import TextEncoder
 from kandinsky3.models.unet_config import UNetConfig
 from kandinsky3.training.__main__ import build_parser, main
@@ -18,6 +18,7 @@ from kandinsky3.training.caption_tokenizer import train_caption_tokenizer
 from kandinsky3.training.config import (EMAConfig, MoVQTrainConfig, UNetTrainConfig, apply_overrides, config_to_dict,
                                         load_config, load_run_configs, parse_config, recipe_stages, save_config)
 from kandinsky3.training.ema import EMA, ema_decay_at
+from kandinsky3.training.image_datasets import build_dataset
 from kandinsky3.training.optim import Lion, build_optimizer, learning_rate, scheduled_lr
 from kandinsky3.weights.t5 import load_t5_tokenizer
 
@@ -84,6 +85,13 @@ def test_config_validation_names_the_problem(tmp_path):
         movq_config(tmp_path, MOVQ, "optim.name=sgd")
     with pytest.raises(ValueError, match="run.fsdp: the MoVQ trainer supports DDP only"):
         movq_config(tmp_path, MOVQ, "run.fsdp=true")
+    mixed = unet_config(tmp_path, tmp_path, "data.and_captions=0.7")
+    assert build_dataset(mixed.data).and_captions == 0.7 and mixed.data.and_captions == 0.7
+    assert unet_config(tmp_path, tmp_path).data.and_captions == P_AND  # the default is the grammar's own
+    with pytest.raises(ValueError, match="data.and_captions must be in"):
+        unet_config(tmp_path, tmp_path, "data.and_captions=1.2")
+    with pytest.raises(ValueError, match="a folder dataset has its own"):
+        unet_config(tmp_path, tmp_path, "data.dataset=folder", "data.data_root=x", "data.and_captions=0.7")
 
 
 def test_overrides_parse_json_and_reach_into_model_dicts(tmp_path):
