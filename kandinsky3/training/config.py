@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.shapes import P_AND
 from ..models.movq import MoVQConfig
 from ..models.unet_config import UNetConfig
 from .ema import WARMUP_POWER
@@ -119,9 +120,9 @@ class DataConfig:
     data_seed: int  # shapes: seed of the scenes
     image_size: int  # square side in pixels
     # shapes: share of two-object scenes captioned "X and Y" instead of by their relation ("X above Y"); the
-    # default is the caption grammar's own (shapes.P_AND, which the evaluation prompts keep). Captions only: the
-    # images, and so a latent cache, do not change with it
-    and_captions: float = 0.4
+    # default is the caption grammar's own, which the evaluation prompts keep. Captions only: the images, and so
+    # a latent cache, do not change with it
+    and_captions: float = P_AND
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, ("shapes", "folder"))
@@ -130,7 +131,7 @@ class DataConfig:
         _at_least(self, 1, "num_samples", "image_size")
         if not 0.0 <= self.and_captions <= 1.0:
             raise ValueError(f"data.and_captions must be in [0, 1], got {self.and_captions}")
-        if self.dataset != "shapes" and self.and_captions != 0.4:
+        if self.dataset != "shapes" and self.and_captions != P_AND:
             raise ValueError("data.and_captions sets the shapes set's captions; a folder dataset has its own")
 
 
