@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from .run_log import RUN_OUTPUTS, check_run_folder, setup_logging
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags anywhere: CONFIG --resume a.b=1 as well as --resume CONFIG a.b=1
     try:
         configs = load_run_configs(args.config, args.overrides, args.stage)
     except (OSError, ValueError) as error:  # a missing file, bad JSON, unknown / missing / invalid keys

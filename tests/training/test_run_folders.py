@@ -134,6 +134,12 @@ def test_resume_without_a_checkpoint_is_an_error_that_writes_nothing(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no checkpoint.pt" in err
     assert not out.exists()
+    # flags may stand between the config and its overrides (the usage line's order): the same refusal, not argparse's
+    moved = tmp_path / "moved"
+    assert cli_main(["train", str(_config_file(tmp_path, out)), "--resume", f"run.out_dir={moved}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no checkpoint.pt" in err and str(moved) in err
+    assert not moved.exists()
     out.mkdir()
     (out / "log.csv").write_text("step,loss\n1,0.5\n")  # stopped before its first checkpoint
     with pytest.raises(UsageError, match="holds no checkpoint.pt .*remove it or set run.out_dir"):
