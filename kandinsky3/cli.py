@@ -556,6 +556,18 @@ def _train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line other than ``train``. Prompts may stand on both sides of flags (``generate "a red circle"
+    --seed 1 "a blue square"``), which argparse alone refuses; any other leftover is the usual one-line error."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and isinstance(getattr(args, "prompt", None), list) and not any(e.startswith("-") for e in extras):
+        args.prompt += extras
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the subcommand; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -565,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest.remove("train")
         command.set_threads()
         return command.guarded("train", lambda: _train(rest), argv, verbose=any(a in verbose_flags for a in argv))
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # Large CPU tensors on 2 MB pages: the per-step weight casts and activations of the 3B U-Net stop page-faulting
     # (bf16-stored U-Net step 22.5 s -> 18.0 s on 2 cores; README "Memory and speed"). Read by PyTorch at its first
     # CPU allocation, so this must run before any tensor exists; a user's own setting wins.

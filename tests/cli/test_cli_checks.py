@@ -35,6 +35,22 @@ def test_arguments_are_checked_before_the_model_loads(main, model, tmp_path, arg
     assert list(tmp_path.iterdir()) == []
 
 
+def test_prompts_may_stand_on_both_sides_of_flags_and_unknown_flags_are_still_refused(main, model, tmp_path, capsys):
+    from kandinsky3.cli import parse_args
+
+    args = parse_args(["generate", "a red circle", "--seed", "1", "a blue square", "-o", "x.png", "a green triangle"])
+    assert args.prompt == ["a red circle", "a blue square", "a green triangle"] and args.seed == 1
+    # both prompts reach the run's own checks (not argparse's "unrecognized arguments")
+    _refused(main("generate", "a red circle", "--width", "0", "a blue square", "--model", model,
+                  "-o", str(tmp_path / "out.png")), "width must be a positive multiple of 4, got 0")
+    assert list(tmp_path.iterdir()) == []
+    for argv, leftover in ((["generate", "a red circle", "--bogus", "a blue square"], "--bogus a blue square"),
+                           (["eval", "extra", "--num-prompts", "5"], "extra")):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(argv)
+        assert exit_.value.code == 2 and f"unrecognized arguments: {leftover}" in capsys.readouterr().err
+
+
 def test_the_size_multiple_is_the_models_own(main, tmp_path):
     """The bundled tiny model takes multiples of 64 (its U-Net downsamples 8×, its MoVQ 8×)."""
     _refused(main("generate", "a", "--model", "tiny", "--width", "96", "-o", str(tmp_path / "out.png")),

@@ -70,8 +70,8 @@ def test_several_prompts_and_a_prompts_file_write_numbered_files(cli, model, tmp
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a green triangle\n\n{"prompt": "a blue square", "seed": 99, "steps": 3, "width": 8, '
                        '"height": 12, "negative_prompt": "red", "num_images": 2}\n', encoding="utf-8")
-    result = cli("generate", "a red circle", "a yellow circle", "--prompts", str(prompts), "--model", model,
-                 "-o", str(tmp_path / "out.png"), *SMALL, "--seed", "10")
+    result = cli("generate", "a red circle", "--prompts", str(prompts), "a yellow circle", "--model", model,
+                 "-o", str(tmp_path / "out.png"), *SMALL, "--seed", "10")  # positional prompts around the flags
     assert result.returncode == 0, result.stderr
     found = [parse_parameters(read_parameters(tmp_path / f"out_{k}.png")) for k in range(5)]
     assert [(p["Prompt"], p["Seed"], p["Steps"], p["Size"], p["Negative prompt"]) for p in found] == [
