@@ -558,7 +558,8 @@ def _train(argv: list[str]) -> int:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse a command line other than ``train``. Prompts may stand on both sides of flags (``generate "a red circle"
-    --seed 1 "a blue square"``), which argparse alone refuses; any other leftover is the usual one-line error."""
+    --seed 1 "a blue square"``), which argparse alone refuses; any other leftover gets argparse's usual error and
+    status 2."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras and isinstance(getattr(args, "prompt", None), list) and not any(e.startswith("-") for e in extras):
