@@ -559,7 +559,7 @@ def _train(argv: list[str]) -> int:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse a command line other than ``train``. Prompts may stand on both sides of flags (``generate "a red circle"
     --seed 1 "a blue square"``), which argparse alone refuses; any other leftover gets argparse's usual error and
-    status 2."""
+    status 2. (The trainer's parser uses ``parse_intermixed_args``, which does not take subcommands, so not here.)"""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras and isinstance(getattr(args, "prompt", None), list) and not any(e.startswith("-") for e in extras):
