@@ -70,15 +70,28 @@ def scheduled_guidance(start: float, end: float):
         guidance.make_cfg_denoiser, guidance.guided_eps = build, combine
 
 
+def parse_row(row: str) -> tuple[float, ...]:
+    """``W`` -> (W,); ``linear:A:B`` -> (A, B); anything else raises ValueError."""
+    parts = row.split(":")
+    try:
+        if len(parts) == 1:
+            return (float(row),)
+        if len(parts) == 3 and parts[0] == "linear":
+            return float(parts[1]), float(parts[2])
+    except ValueError:
+        pass
+    raise ValueError(f"row {row!r}: expected a weight W or linear:A:B")
+
+
 def records(pipe, prompt_seed: int, num_prompts: int, row: str | None) -> dict[str, list[dict]]:
     """Per-prompt scores of one row (None = the reference), per split, as ``kandinsky3 eval`` generates them."""
     size = pipe.sampling_defaults.width
     kwargs, context = {}, contextlib.nullcontext()
-    if row is not None and row.startswith("linear:"):
-        _, start, end = row.split(":")
-        context = scheduled_guidance(float(start), float(end))
-    elif row is not None:
-        kwargs["guidance_scale"] = float(row)
+    weights = parse_row(row) if row is not None else ()
+    if len(weights) == 2:
+        context = scheduled_guidance(*weights)
+    elif weights:
+        kwargs["guidance_scale"] = weights[0]
 
     def generate(prompts: list[str], batch_seed: int):
         return pipe(prompts, width=size, height=size, seed=batch_seed * 1000, progress=False, **kwargs)
@@ -96,7 +109,10 @@ def main() -> None:
     parser.add_argument("--metric", default="colour_shape", choices=evaluation.SCORE_KEYS)
     args = parser.parse_args()
     for row in args.rows:  # refuse a bad row before minutes of generation
-        float(row) if not row.startswith("linear:") else [float(v) for v in row.split(":")[1:3]]
+        try:
+            parse_row(row)
+        except ValueError as error:
+            parser.error(str(error))
 
     pipe = load_pipeline("text-to-image", "tiny", device="cpu", options=LoadOptions(dtype="fp32"))
     default = pipe.sampling_defaults.guidance_scale
