@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kandinsky3 import evaluation  # noqa: E402
-from kandinsky3.data.shapes import eval_prompts  # noqa: E402
 from kandinsky3.diffusion import guidance  # noqa: E402
 from kandinsky3.pipelines import LoadOptions, load_pipeline  # noqa: E402
 
@@ -84,21 +83,17 @@ def parse_row(row: str) -> tuple[float, ...]:
 
 
 def records(pipe, prompt_seed: int, num_prompts: int, row: str | None) -> dict[str, list[dict]]:
-    """Per-prompt scores of one row (None = the reference), per split, as ``kandinsky3 eval`` generates them."""
-    size = pipe.sampling_defaults.width
+    """Per-prompt scores of one row (None = the reference), per split, generated as ``kandinsky3 eval`` does."""
     kwargs, context = {}, contextlib.nullcontext()
     weights = parse_row(row) if row is not None else ()
     if len(weights) == 2:
         context = scheduled_guidance(*weights)
     elif weights:
         kwargs["guidance_scale"] = weights[0]
-
-    def generate(prompts: list[str], batch_seed: int):
-        return pipe(prompts, width=size, height=size, seed=batch_seed * 1000, progress=False, **kwargs)
-
     with context:
-        return {split: evaluation.evaluate(generate, eval_prompts(num_prompts, split, seed=prompt_seed),
-                                           batch_size=25, seed=0)["records"] for split in SPLITS}
+        reports = evaluation.evaluate_text_to_image(pipe, num_prompts, prompt_seed=prompt_seed, keep_records=True,
+                                                    **kwargs)
+    return {split: reports[split]["records"] for split in SPLITS}
 
 
 def main() -> None:

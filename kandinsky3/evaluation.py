@@ -401,11 +401,13 @@ def inpainting_score(prompt: str, image, generated, mask, tolerance: float = 0.0
 
 
 def evaluate_text_to_image(pipe, num_prompts: int = 200, *, seed: int = 0, batch_size: int = 25,
-                           progress: bool = False, prompt_seed: int = 1234, **call_kwargs: Any) -> dict[str, dict]:
+                           progress: bool = False, prompt_seed: int = 1234, keep_records: bool = False,
+                           **call_kwargs: Any) -> dict[str, dict]:
     """{"seen": report, "heldout": report}; each report has colour_shape, position, count, … accuracies.
     ``image_size``: the side in pixels (default: the model's own size); ``prompt_seed``: which prompts
     (:func:`~kandinsky3.data.shapes.eval_prompts`; tune settings on another seed than the reported one);
-    ``progress``: a progress bar per split (on stderr)."""
+    ``progress``: a progress bar per split (on stderr); ``keep_records``: keep each report's per-prompt
+    ``records`` (:func:`evaluate`), for comparing two settings prompt by prompt."""
     width = height = call_kwargs.pop("image_size", None) or pipe.sampling_defaults.width
 
     def generate(prompts: list[str], batch_seed: int) -> list[Image.Image]:
@@ -416,7 +418,8 @@ def evaluate_text_to_image(pipe, num_prompts: int = 200, *, seed: int = 0, batch
         prompts = eval_prompts(num_prompts, split, seed=prompt_seed)
         report = evaluate(generate, prompts, batch_size=batch_size, seed=seed,
                           progress=progress, desc=f"text-to-image, {split} prompts")
-        report.pop("records")
+        if not keep_records:
+            report.pop("records")
         reports[split] = report
     return reports
 

@@ -159,6 +159,30 @@ def test_evaluate_aggregates_scores_over_batches():
     assert blank["colour_shape"] == 0.0 and blank["count"] == 0.0
 
 
+def test_evaluate_text_to_image_keeps_per_prompt_records_only_when_asked():
+    from types import SimpleNamespace
+
+    from kandinsky3.evaluation import evaluate_text_to_image
+
+    truth = {text: scene for split in ("seen", "heldout") for text, scene in eval_prompts(6, split, seed=3)}
+    drawn = []
+
+    def pipe(prompts, width, height, seed, progress, **kwargs):
+        drawn.append((seed, kwargs))  # the wrong scene for the last prompt of each batch: one miss per split
+        return [render(truth[text] if k < len(prompts) - 1 else truth[prompts[0]], width) for k, text in
+                enumerate(prompts)]
+
+    pipe.sampling_defaults = SimpleNamespace(width=64)
+    kept = evaluate_text_to_image(pipe, 6, prompt_seed=3, batch_size=4, keep_records=True, guidance_scale=2.0)
+    for split in ("seen", "heldout"):
+        records = kept[split]["records"]
+        assert [r["prompt"] for r in records] == [text for text, _ in eval_prompts(6, split, seed=3)]
+        assert kept[split]["colour_shape"] == np.mean([r["colour_shape"] for r in records]) < 1.0
+    assert drawn == [(0, {"guidance_scale": 2.0}), (1000, {"guidance_scale": 2.0})] * 2  # kandinsky3 eval's seeds
+    plain = evaluate_text_to_image(pipe, 6, prompt_seed=3, batch_size=4)
+    assert "records" not in plain["seen"] and plain["seen"]["colour_shape"] == kept["seen"]["colour_shape"]
+
+
 @pytest.mark.parametrize("hits, n, low, high", [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605),
                                                  (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
 def test_wilson_interval_matches_newcombes_published_intervals(hits, n, low, high):
