@@ -457,6 +457,7 @@ class TextModelConfig:
     tokenizer_dir: str  # "" = <out_dir>/tokenizer, trained on the dataset captions when that folder has none
     tokenizer_vocab_size: int
     max_length: int  # token slots per caption incl. EOS, as the U-Net run's text.max_length
+    tag_background: bool = False  # also tag every word with the caption's background colour (training.train_text)
 
     def __post_init__(self) -> None:
         if not self.t5_config:

@@ -13,7 +13,9 @@ positions it implies; an unstated size or position is its own class), by one lin
 encoder's output states, the states the U-Net's cross-attention reads (cross-entropy, summed over the heads; words
 outside object phrases are not scored). So the "left" token must carry "red circle" and the "red" token "left":
 each object's tokens carry the whole object, while no label depends on which colour goes with which shape, so
-nothing rewards learning the seen pairs as wholes. (Rewriting the caption with a T5 decoder was tried first: the
+nothing rewards learning the seen pairs as wholes. With ``text.tag_background`` every word, object word or not, is
+also tagged with the caption's background colour ("unstated" when it names none): the background words are then
+scored too, and every token carries the background. (Rewriting the caption with a T5 decoder was tried first: the
 decoder's own language model would not write a held-out pair such as "red triangle".)
 
 Captions are drawn afresh every step from the training split (held-out colour-shape pairs never occur); a step's
@@ -37,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.shapes import OBJECT_COLOURS, POSITIONS, SHAPES, SIZES, caption, eval_prompts, sample_scene, word_objects
+from ..data.shapes import (BACKGROUNDS, OBJECT_COLOURS, POSITIONS, SHAPES, SIZES, caption, eval_prompts, parse_caption,
+                           sample_scene, word_objects)
 from ..errors import UsageError
 from .checkpoint import CHECKPOINT, read_checkpoint, restore_training_state, save_checkpoint
 from .config import TextTrainConfig
@@ -49,10 +52,13 @@ from .run_log import EXPORT, RUN_LOG, TrainingLog, check_run_folder, due, prepar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_text", "CaptionTagger", "Tagging", "TAGS", "caption_batch", "tagging_accuracy", "EVAL_CAPTIONS"]
+__all__ = ["train_text", "CaptionTagger", "Tagging", "TAGS", "BACKGROUND_TAG", "caption_batch", "tagging_accuracy",
+           "EVAL_CAPTIONS"]
 
 #: The tags of an object word: each attribute's classes ("unstated" when the caption does not say).
 TAGS = {"colour": OBJECT_COLOURS, "shape": SHAPES, "size": (*SIZES, "unstated"), "position": (*POSITIONS, "unstated")}
+#: The tag every word gets with ``text.tag_background``: the caption's background colour.
+BACKGROUND_TAG = {"background": (*BACKGROUNDS, "unstated")}
 EVAL_CAPTIONS = 500  # evaluation captions per split
 _STREAM = 2  # numpy seed stream of the training captions (the shapes set uses 0 and 1)
 IGNORE = -100  # label of a token that is not scored
@@ -69,7 +75,7 @@ def train_text(config: TextTrainConfig, *, resume: bool = False) -> Path:
     # the tokenizer of the dataset's captions (as a U-Net run with a fresh T5 trains it), the fresh model
     tokenizer = run_tokenizer(text.tokenizer_dir, text.tokenizer_vocab_size,
                               lambda: dataset_captions(build_dataset(config.data)), out_dir, True)
-    tagging = Tagging(tokenizer, text.max_length)
+    tagging = Tagging(tokenizer, text.max_length, background=text.tag_background)
     model = fresh_model(config, tokenizer).to(device)
     optimizer = build_optimizer(optim.name, model.named_parameters(), optim.lr, optim.betas, optim.weight_decay)
     scaler = make_grad_scaler(config.run.precision, device)
@@ -108,12 +114,12 @@ def train_text(config: TextTrainConfig, *, resume: bool = False) -> Path:
 
 
 class CaptionTagger(nn.Module):
-    """A ``T5EncoderModel`` and one linear head per :data:`TAGS` attribute on its output states."""
+    """A ``T5EncoderModel`` and one linear head per attribute of ``tags`` on its output states."""
 
-    def __init__(self, t5: nn.Module):
+    def __init__(self, t5: nn.Module, tags: dict[str, tuple[str, ...]] = TAGS):
         super().__init__()
         self.t5 = t5
-        self.heads = nn.ModuleDict({name: nn.Linear(t5.config.d_model, len(classes)) for name, classes in TAGS.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(t5.config.d_model, len(classes)) for name, classes in tags.items()})
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits (B, n, classes) of every attribute."""
@@ -124,7 +130,7 @@ class CaptionTagger(nn.Module):
         """Cross-entropy of every attribute over the scored tokens, summed over the attributes."""
         logits = self(input_ids, attention_mask)
         return sum(F.cross_entropy(logits[name].flatten(0, 1).float(), labels[name].flatten(), ignore_index=IGNORE)
-                   for name in TAGS)
+                   for name in self.heads)
 
 
 def fresh_model(config: TextTrainConfig, tokenizer) -> CaptionTagger:
@@ -133,7 +139,8 @@ def fresh_model(config: TextTrainConfig, tokenizer) -> CaptionTagger:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
-        return CaptionTagger(T5EncoderModel(fresh_t5_config(config.text.t5_config, tokenizer)))
+        tags = {**TAGS, **BACKGROUND_TAG} if config.text.tag_background else TAGS
+        return CaptionTagger(T5EncoderModel(fresh_t5_config(config.text.t5_config, tokenizer)), tags)
 
 
 def caption_batch(seed: int, step: int, batch_size: int) -> list[str]:
@@ -144,14 +151,17 @@ def caption_batch(seed: int, step: int, batch_size: int) -> list[str]:
 
 class Tagging:
     """Token ids and per-token tags of captions: each word is tokenized on its own (the ids equal the caption's,
-    as the caption tokenizer cuts at spaces) and its tokens get the tags of its object."""
+    as the caption tokenizer cuts at spaces) and its tokens get the tags of its object; with ``background``, every
+    token also gets the caption's background (:data:`BACKGROUND_TAG`)."""
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, *, background: bool = False):
         self.tokenizer, self.max_length, self._pieces = tokenizer, max_length, {}
+        self.names = (*TAGS, *BACKGROUND_TAG) if background else tuple(TAGS)
 
     def tags(self, text: str) -> tuple[list[int], dict[str, list[int]]]:
         """Token ids (EOS last, at most ``max_length``) and each attribute's class per token (IGNORE: unscored)."""
-        ids, tags = [], {name: [] for name in TAGS}
+        ids, tags = [], {name: [] for name in self.names}
+        background = (parse_caption(text).background or "unstated") if "background" in self.names else None
         for word, obj in zip(*word_objects(text)):
             if word not in self._pieces:
                 self._pieces[word] = self.tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -160,6 +170,8 @@ class Tagging:
             for name, classes in TAGS.items():
                 value = None if obj is None else (getattr(obj, name) or "unstated")
                 tags[name] += [IGNORE if value is None else classes.index(value)] * len(pieces)
+            if background is not None:
+                tags["background"] += [BACKGROUND_TAG["background"].index(background)] * len(pieces)
         keep = self.max_length - 1
         ids = ids[:keep] + [self.tokenizer.eos_token_id]
         return ids, {name: values[:keep] + [IGNORE] for name, values in tags.items()}
@@ -171,7 +183,7 @@ class Tagging:
         ids = torch.tensor([r[0] + [0] * (n - len(r[0])) for r in rows])
         mask = torch.tensor([[1] * len(r[0]) + [0] * (n - len(r[0])) for r in rows])
         labels = {name: torch.tensor([r[1][name] + [IGNORE] * (n - len(r[1][name])) for r in rows]).to(device)
-                  for name in TAGS}
+                  for name in self.names}
         return ids.to(device), mask.to(device), labels
 
 
@@ -187,7 +199,7 @@ def tagging_accuracy(model: CaptionTagger, tagging: Tagging, split: str, n: int 
     finally:
         model.train(was_training)
     right = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
-    for name in TAGS:
+    for name in tagging.names:
         scored = labels[name] != IGNORE
         right &= ((logits[name].argmax(-1) == labels[name]) | ~scored).all(dim=1)
     return float(right.float().mean())

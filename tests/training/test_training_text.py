@@ -13,7 +13,8 @@ from kandinsky3.errors import UsageError
 from kandinsky3.training.checkpoint import load_checkpoint
 from kandinsky3.training.config import apply_overrides, config_to_dict, parse_config
 from kandinsky3.training.initial_models import pretrained_text, text_encoder_for_run
-from kandinsky3.training.train_text import IGNORE, TAGS, Tagging, caption_batch, tagging_accuracy, train_text
+from kandinsky3.training.train_text import (BACKGROUND_TAG, IGNORE, TAGS, Tagging, caption_batch, tagging_accuracy,
+                                             train_text)
 from kandinsky3.weights.t5 import load_t5, load_t5_tokenizer
 
 BUNDLED_TOKENIZER = "kandinsky3/assets/tiny/base/text_encoder"
@@ -129,3 +130,27 @@ def test_the_text_trainer_refuses_folder_data_and_several_processes(tmp_path, mo
     with pytest.raises(UsageError, match="one process"):
         train_text(text_config(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_with_background_tags_every_word_carries_the_captions_background():
+    tokenizer = load_t5_tokenizer(BUNDLED_TOKENIZER)
+    tagging = Tagging(tokenizer, max_length=128, background=True)
+    ids, tags = tagging.tags("a picture of a red circle above a small blue square on a gray background")
+    assert [BACKGROUND_TAG["background"][v] for v in tags["background"][:-1]] == ["gray"] * (len(ids) - 1)
+    assert tags["background"][-1] == IGNORE  # EOS
+    assert tags["colour"] == Tagging(tokenizer, max_length=128).tags("a picture of a red circle above a small blue "
+                                                                     "square on a gray background")[1]["colour"]
+    _, plain = tagging.tags("a red circle")
+    assert {BACKGROUND_TAG["background"][v] for v in plain["background"][:-1]} == {"unstated"}
+    assert "background" not in Tagging(tokenizer, max_length=128).tags("a red circle on a pink background")[1]
+
+
+def test_a_background_tagging_run_scores_the_background_head(tmp_path):
+    config = text_config(tmp_path / "text", "schedule.max_steps=2", "schedule.batch_size=8",
+                         "text.tag_background=true")
+    out = train_text(config)
+    heads = {k for k in load_checkpoint(out / "checkpoint.pt")["model"] if k.startswith("heads.")}
+    assert "heads.background.weight" in heads and "heads.colour.weight" in heads
+    assert "heads.background.weight" not in {
+        k for k in load_checkpoint(train_text(text_config(tmp_path / "plain", "schedule.max_steps=2",
+                                                          "schedule.batch_size=8")) / "checkpoint.pt")["model"]}
