@@ -59,9 +59,15 @@ __all__ = ["train_text", "CaptionTagger", "Tagging", "TAGS", "BACKGROUND_TAG", "
 TAGS = {"colour": OBJECT_COLOURS, "shape": SHAPES, "size": (*SIZES, "unstated"), "position": (*POSITIONS, "unstated")}
 #: The tag every word gets with ``text.tag_background``: the caption's background colour.
 BACKGROUND_TAG = {"background": (*BACKGROUNDS, "unstated")}
+
 EVAL_CAPTIONS = 500  # evaluation captions per split
 _STREAM = 2  # numpy seed stream of the training captions (the shapes set uses 0 and 1)
 IGNORE = -100  # label of a token that is not scored
+
+
+def tag_set(background: bool) -> dict[str, tuple[str, ...]]:
+    """The attributes a run tags and their classes: :data:`TAGS`, plus :data:`BACKGROUND_TAG` with ``background``."""
+    return {**TAGS, **BACKGROUND_TAG} if background else dict(TAGS)
 
 
 def train_text(config: TextTrainConfig, *, resume: bool = False) -> Path:
@@ -139,8 +145,8 @@ def fresh_model(config: TextTrainConfig, tokenizer) -> CaptionTagger:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
-        tags = {**TAGS, **BACKGROUND_TAG} if config.text.tag_background else TAGS
-        return CaptionTagger(T5EncoderModel(fresh_t5_config(config.text.t5_config, tokenizer)), tags)
+        return CaptionTagger(T5EncoderModel(fresh_t5_config(config.text.t5_config, tokenizer)),
+                             tag_set(config.text.tag_background))
 
 
 def caption_batch(seed: int, step: int, batch_size: int) -> list[str]:
@@ -156,7 +162,7 @@ class Tagging:
 
     def __init__(self, tokenizer, max_length: int, *, background: bool = False):
         self.tokenizer, self.max_length, self._pieces = tokenizer, max_length, {}
-        self.names = (*TAGS, *BACKGROUND_TAG) if background else tuple(TAGS)
+        self.names = tuple(tag_set(background))
 
     def tags(self, text: str) -> tuple[list[int], dict[str, list[int]]]:
         """Token ids (EOS last, at most ``max_length``) and each attribute's class per token (IGNORE: unscored)."""
