@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from kandinsky3.errors import UsageError
-from kandinsky3.serve.engine import ImageRequest, Limits
+from kandinsky3.serve.engine import ImageRequest, Limits, _share_components
 from kandinsky3.serve.jobs import JobQueue
 from kandinsky3.serve.prompt_cache import PromptCache, cache_prompts
 
@@ -16,8 +19,19 @@ from kandinsky3.serve.prompt_cache import PromptCache, cache_prompts
 def test_every_task_runs_on_one_set_of_modules(tiny_engine):
     base, img2img, inpaint = tiny_engine.text_to_image, tiny_engine.img2img, tiny_engine.inpainting
     assert img2img.unet is base.unet and img2img.movq is base.movq and img2img.text_encoder is base.text_encoder
-    assert inpaint.movq is base.movq and inpaint.text_encoder.t5 is base.text_encoder.t5  # same weights on disk
+    assert inpaint.movq is base.movq  # the same weights on disk: one copy in memory
+    # the tiny inpainting model keeps the previous T5 (README model card): other weights, so its own module
+    assert inpaint.text_encoder.t5 is not base.text_encoder.t5
     assert inpaint.unet is not base.unet and inpaint.text_encoder is not base.text_encoder  # its own projection
+
+
+def test_inpainting_shares_exactly_the_modules_whose_weights_are_equal():
+    torch.manual_seed(0)
+    base = SimpleNamespace(movq=torch.nn.Linear(2, 2), text_encoder=SimpleNamespace(t5=torch.nn.Linear(2, 2)))
+    own_movq, same_t5 = torch.nn.Linear(2, 2), copy.deepcopy(base.text_encoder.t5)
+    inpaint = SimpleNamespace(movq=own_movq, text_encoder=SimpleNamespace(t5=same_t5))
+    _share_components(base, inpaint)
+    assert inpaint.text_encoder.t5 is base.text_encoder.t5 and inpaint.movq is own_movq
 
 
 def test_the_prompt_cache_returns_what_t5_gave_and_forgets_the_least_recent(tiny_engine):
