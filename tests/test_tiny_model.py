@@ -21,9 +21,10 @@ INPAINT_PROMPTS = 40
 SAMPLER, STEPS = "original", 20
 # measured with these settings (the 128 px model, T5 pretrained on the captions with background tags and frozen, the
 # MoVQ decoder fine-tuned on unquantised latents, guidance 1.5): seen 1.0 (25 of 25), held-out 0.88 (22 of 25),
-# position 1.0 (17 of 17) seen and 0.89 (17 of 19) held-out, counts 1.0, backgrounds 1.0, PSNR 33.6 dB; inpainting (its
-# own U-Net and the previous T5, unchanged): the object inside the mask in 39 of 40 (0.975), kept pixels drifting by 0.0068 (mean |difference|, [0, 1]) before paste-back. Each bound
-# is one prompt below (PSNR: 0.5 dB below; the drift: 0.01 above).
+# position 1.0 (17 of 17) seen and 0.89 (17 of 19) held-out, counts 1.0, backgrounds 1.0, PSNR 33.6 dB; inpainting
+# (its own U-Net and the previous T5, unchanged): the object inside the mask in 39 of 40 (0.975), kept pixels drifting
+# by 0.0068 (mean |difference|, [0, 1]) before paste-back. Each bound is one prompt below (PSNR: 0.5 dB below; the
+# drift: 0.01 above).
 MIN_SEEN, MIN_HELDOUT, MIN_POSITION, MIN_HELDOUT_POSITION = 0.96, 0.84, 0.94, 0.84
 MIN_COUNT, MIN_BACKGROUND = 0.96, 0.9
 MIN_PSNR = 33.0
