@@ -59,6 +59,7 @@ __all__ = ["train_text", "CaptionTagger", "Tagging", "TAGS", "BACKGROUND_TAG", "
 TAGS = {"colour": OBJECT_COLOURS, "shape": SHAPES, "size": (*SIZES, "unstated"), "position": (*POSITIONS, "unstated")}
 #: The tag every word gets with ``text.tag_background``: the caption's background colour.
 BACKGROUND_TAG = {"background": (*BACKGROUNDS, "unstated")}
+
 EVAL_CAPTIONS = 500  # evaluation captions per split
 _STREAM = 2  # numpy seed stream of the training captions (the shapes set uses 0 and 1)
 IGNORE = -100  # label of a token that is not scored
