@@ -91,7 +91,7 @@ def time_phases(config, ctx, movq, data, model, steps: int, warmup: int, precisi
 
         start = clock
         draws = draw_step(config, step, len(data), movq, ctx.device)
-        x0, ids, mask, extra = micro_batch(config, data, movq, draws, part, ctx.device)
+        x0, ids, mask, extra, weights = micro_batch(config, data, movq, draws, part, ctx.device)
         mark("data")
         with torch.no_grad():
             movq.encode(data.images.batch(draws.indices[part])[0])
@@ -105,7 +105,7 @@ def time_phases(config, ctx, movq, data, model, steps: int, warmup: int, precisi
         mark("unet_forward")
         if ddp is not None:  # the real trainer's all-reduce: run the DDP module's forward + backward instead
             with autocast(ctx.device, precision):
-                loss = ddp(x0, ids, mask, draws.t[part], draws.noise[part], draws.drop[part], extra)
+                loss = ddp(x0, ids, mask, draws.t[part], draws.noise[part], draws.drop[part], extra, weights)
             optimizer.zero_grad(set_to_none=True)
             mark("ddp_forward_again")
         loss.backward()

@@ -90,6 +90,7 @@ SIZE_RANGES = {"small": (0.07, 0.10), "large": (0.14, 0.17)}  # scale r, fractio
 SIZE_THRESHOLD = 0.12  # r below → "small" (between the two ranges)
 SQUARE_HALF = 0.5 * np.pi ** 0.5  # half-side / r: a square with the circle's area
 TRIANGLE_HALF = 1.1  # half-side / r of the upward equilateral triangle
+REACH = TRIANGLE_HALF  # no shape reaches further than REACH·r from its anchor along either axis
 SHAPE_AREA = {  # area / r**2 for each shape
     "circle": np.pi,
     "square": 4 * SQUARE_HALF**2,
@@ -276,7 +277,7 @@ def _coverage(shape: str, x: float, y: float, r: float, image_size: int) -> tupl
     patch around its bounding box and box-filtered down. PIL rounds vertices to whole supersampled
     pixels: positions are exact to 1/8 output pixel, areas come out 1-4% large at 64 px.
     """
-    extent = TRIANGLE_HALF * r + 1  # no shape reaches further from its anchor
+    extent = REACH * r + 1
     left, top = max(int(x - extent), 0), max(int(y - extent), 0)
     right, bottom = min(int(x + extent) + 1, image_size), min(int(y + extent) + 1, image_size)
     ss = SUPERSAMPLE

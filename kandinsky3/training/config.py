@@ -279,15 +279,21 @@ class SamplesConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DiffusionLossConfig:
-    """How the U-Net run weighs each sample's ε-MSE by its timestep."""
+    """How the U-Net run weighs each sample's ε-MSE: by its timestep, and inside the image by what each pixel shows."""
 
     # Min-SNR-γ (Hang et al. 2023): weight min(SNR_t, γ) / SNR_t, which damps the nearly noise-free timesteps
     # whose gradients conflict with the rest; 0 = every timestep weighs 1 (plain ε-MSE)
     min_snr_gamma: float = 0.0
+    # weight of the latent pixels an object covers (its reach box, training.train_unet.object_pixel_weights)
+    # against 1 for the rest, each sample's map scaled to mean 1; 1 = every pixel weighs the same. Needs a dataset
+    # that says where its objects are (the shapes set)
+    object_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.min_snr_gamma < 0:
             raise ValueError(f"loss.min_snr_gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
+        if not self.object_weight > 0:
+            raise ValueError(f"loss.object_weight must be > 0 (1 = off), got {self.object_weight}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,6 +371,12 @@ class UNetTrainConfig(TrainConfig):
     text: TextConfig
     samples: SamplesConfig
     loss: DiffusionLossConfig = DiffusionLossConfig()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss.object_weight != 1.0 and self.data.dataset != "shapes":
+            raise ValueError("loss.object_weight needs dataset='shapes' (a folder dataset does not say where its "
+                             "objects are)")
 
 
 @dataclass(frozen=True, kw_only=True)

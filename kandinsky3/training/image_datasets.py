@@ -220,11 +220,12 @@ def training_images(data: DataConfig, dataset: Dataset | None = None) -> ImageSo
 
 def object_anchors(data: DataConfig, dataset: Dataset | None = None) -> list[tuple[tuple[float, float, float], ...]]:
     """Where each item's objects are, as (x, y, r) fractions of the side (anchor and scale), for masks drawn around
-    them (inpainting ``data.object_masks``): ``dataset`` (tests) or the configured one must have ``placements(i)``,
-    as the shapes set does."""
+    them (inpainting ``data.object_masks``) and the object-weighted loss (``loss.object_weight``): ``dataset``
+    (tests) or the configured one must have ``placements(i)``, as the shapes set does."""
     source = dataset if dataset is not None else build_dataset(data)
     placements = getattr(source, "placements", None)
     if not callable(placements):
-        raise UsageError(f"data.object_masks needs a dataset that says where its objects are (placements(i)); "
+        raise UsageError(f"data.object_masks and loss.object_weight need a dataset that says where its objects are "
+                         f"(placements(i)); "
                          f"{type(source).__name__} does not")
     return [tuple((p.x, p.y, p.r) for p in placements(i)) for i in range(len(source))]

@@ -21,8 +21,9 @@ from ``seeding.step_generator(seed, s)``, each process then taking its slice:
    the same function (:func:`kandinsky3.conditioning.training_conditions`), so training matches
    inference and no sample depends on the others in its batch (or on the number of processes).
 4. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε on the 1000-step cosine schedule; loss = mean over samples of
-   w_t·mean (ε − ε̂)², ε̂ = U-Net(x_t, t, context), w_t = 1 or Min-SNR-γ's min(SNR_t, γ)/SNR_t
-   (``loss.min_snr_gamma``).
+   w_t·mean_pixels m·(ε − ε̂)², ε̂ = U-Net(x_t, t, context), w_t = 1 or Min-SNR-γ's min(SNR_t, γ)/SNR_t
+   (``loss.min_snr_gamma``), m = 1 or the sample's object-weighted pixel map (``loss.object_weight``,
+   :func:`object_pixel_weights`).
 
 Inpainting (``model.mode="inpainting"``): the U-Net input is cat[x_t, keep, masked latent]
 (9 channels, architecture §2.9) built by the inference pipeline's function
@@ -58,6 +59,7 @@ from torch.utils.data import Dataset
 
 from ..components import SamplingDefaults
 from ..conditioning import inpainting_channels, training_conditions
+from ..data.shapes import REACH
 from ..diffusion.schedule import NUM_TRAIN_TIMESTEPS, cosine_alphas_cumprod, q_sample
 from ..models.movq import MoVQ
 from ..models.text_encoder import TextEncoder, cut_length
@@ -80,7 +82,7 @@ from .text_cache import look_up_t5
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_unet", "DiffusionModel", "min_snr_weights"]
+__all__ = ["train_unet", "DiffusionModel", "min_snr_weights", "object_pixel_weights"]
 
 LOG_FIELDS = ["loss", "grad_norm", "lr", "ms_per_step"]
 
@@ -101,15 +103,20 @@ class DiffusionModel(nn.Module):
     def forward(
         self, x0: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, t: torch.Tensor,
         noise: torch.Tensor, drop: torch.Tensor, extra: torch.Tensor | None = None,
+        pixel_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x0, noise (b,4,h,w); ids / mask (b,N) (1 = real token); t (b,) int in [0, 999]; drop (b,) bool
-        (True = unconditional); extra (b,5,h,w) inpainting channels [keep, masked latent] or None."""
+        (True = unconditional); extra (b,5,h,w) inpainting channels [keep, masked latent] or None; pixel_weights
+        (b,1,h,w) each pixel's weight in its sample's mean, or None (all 1)."""
         context, mask = training_conditions(self.text_encoder, input_ids, attention_mask, drop,
                                             style=self.style)  # (b,L,C), (b,L)
         x_t = q_sample(x0, noise, t, self.alphas_cumprod)  # (b,4,h,w)
         unet_input = x_t if extra is None else torch.cat([x_t, extra], dim=1)  # (b,4 or 9,h,w)
         eps = self.unet(unet_input, t, context, mask)
-        per_sample = (eps.float() - noise.float()).square().mean(dim=(1, 2, 3))  # (b,)
+        error = (eps.float() - noise.float()).square()  # (b,4,h,w)
+        if pixel_weights is not None:
+            error = error * pixel_weights
+        per_sample = error.mean(dim=(1, 2, 3))  # (b,)
         return (per_sample * self.loss_weights[t]).mean()
 
 
@@ -120,6 +127,23 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
         return torch.ones_like(alphas_cumprod)
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
     return torch.clamp(snr, max=gamma) / snr
+
+
+def object_pixel_weights(objects: list[tuple[tuple[float, float, float], ...]], height: int, width: int,
+                         weight: float) -> torch.Tensor:
+    """(b,1,height,width) loss weights of a batch's latent pixels: ``weight`` where a pixel's centre lies within an
+    object's reach (a box of half-side ``REACH``·r around its anchor, widened by half a pixel so that every pixel the
+    object touches counts), 1 elsewhere, each sample's map then scaled to mean 1. ``objects[i]`` holds sample i's
+    (x, y, r) anchors, fractions of the side (:func:`.image_datasets.object_anchors`)."""
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height  # pixel centres, fractions of the side
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    maps = torch.ones(len(objects), 1, height, width)
+    for i, anchors in enumerate(objects):
+        for x, y, r in anchors:
+            near_x = (xs - x).abs() <= REACH * r + 0.5 / width  # (w,)
+            near_y = (ys - y).abs() <= REACH * r + 0.5 / height  # (h,)
+            maps[i, 0][near_y[:, None] & near_x[None, :]] = weight
+    return maps / maps.mean(dim=(1, 2, 3), keepdim=True)
 
 
 def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Dataset | None = None) -> Path:
@@ -141,7 +165,8 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
         raw = DiffusionModel(unet, text_encoder, min_snr_gamma=config.loss.min_snr_gamma).to(ctx.device)
         prompts = [*captions, *config.samples.prompts]  # a frozen T5 runs once per caption, then is looked up
         t5 = text_encoder.t5 if config.text.train_t5 else look_up_t5(text_encoder, prompts)
-        objects = object_anchors(config.data, dataset) if config.data.object_masks else None
+        needs_objects = config.data.object_masks or config.loss.object_weight != 1.0
+        objects = object_anchors(config.data, dataset) if needs_objects else None
         data = prepare_training_set(config, ctx, images, captions, raw.text_encoder, movq, objects)
         state = read_checkpoint(out_dir, config) if resume else None
         if state is not None:
@@ -166,10 +191,11 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
             draws = draw_step(config, step, len(data), movq, ctx.device)
             slices = micro_slices(schedule.batch_size, ctx.rank, ctx.world_size, schedule.grad_accum)
             for micro, part in enumerate(slices):
-                x0, ids, mask, extra = micro_batch(config, data, movq, draws, part, ctx.device)
+                x0, ids, mask, extra, weights = micro_batch(config, data, movq, draws, part, ctx.device)
                 with no_sync(model, micro < len(slices) - 1):  # gradients are all-reduced on the last one only
                     with autocast(ctx.device, config.run.precision):
-                        loss = model(x0, ids, mask, draws.t[part], draws.noise[part], draws.drop[part], extra)
+                        loss = model(x0, ids, mask, draws.t[part], draws.noise[part], draws.drop[part], extra,
+                                     weights)
                     scaler.scale(loss / len(slices)).backward()
                 log.add(loss=loss)
             log.add(grad_norm=optimizer_step(optimizer, scaler, raw.parameters(), optim.grad_clip))
@@ -201,7 +227,8 @@ def train_unet(config: UNetTrainConfig, *, resume: bool = False, dataset: Datase
 class TrainingSet:
     """The training set by dataset index, as the step reads it: token ids and 0/1 masks (N,n) of every caption
     (n = longest caption + EOS), the images, their latents (N,4,h,w) when cached (else None), and where each
-    image's objects are ((x, y, r) per object) when inpainting masks are drawn around them (else None)."""
+    image's objects are ((x, y, r) per object) when inpainting masks are drawn around them or the loss weighs
+    them (else None)."""
 
     images: ImageSource
     input_ids: torch.Tensor
@@ -309,9 +336,10 @@ def draw_step(config: UNetTrainConfig, step: int, num_samples: int, movq: MoVQ, 
 
 
 def micro_batch(config: UNetTrainConfig, data: TrainingSet, movq: MoVQ, draws: StepDraws, part: slice,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                device: torch.device) -> tuple[torch.Tensor, ...]:
     """One micro-batch (global batch positions ``part``): x0 latents (b,4,h,w), token ids and 0/1 masks (b,n),
-    and for inpainting the extra U-Net channels (b,5,h,w) with one random mask per global batch position."""
+    for inpainting the extra U-Net channels (b,5,h,w) with one random mask per global batch position (else None),
+    and with ``loss.object_weight`` the loss's pixel weights (b,1,h,w) (else None)."""
     indices = draws.indices[part]
     rows = indices.to(device)
     inpainting = config.model.mode == "inpainting"
@@ -321,15 +349,18 @@ def micro_batch(config: UNetTrainConfig, data: TrainingSet, movq: MoVQ, draws: S
     else:
         with torch.no_grad():
             x0 = movq.encode(images).float()
+    objects = [data.objects[i] for i in indices.tolist()] if data.objects is not None else None
+    weights = None
+    if config.loss.object_weight != 1.0:
+        weights = object_pixel_weights(objects, x0.shape[-2], x0.shape[-1], config.loss.object_weight).to(device)
     extra = None
     if inpainting:
         positions = range(part.start, part.stop)
         generators = [sample_generator(config.run.seed, draws.step, position) for position in positions]
-        objects = [data.objects[i] for i in indices.tolist()] if data.objects is not None else None
         repaint = training_masks(images.shape[-2], images.shape[-1], generators, config.data.mask_coverage,
                                  objects, config.data.object_masks).to(device)
         extra = inpainting_channels(movq, images, repaint)
-    return x0, data.input_ids[rows], data.attention_mask[rows], extra
+    return x0, data.input_ids[rows], data.attention_mask[rows], extra, weights
 
 
 # ------------------------------------------------------------------------------------ samples, checkpoints, export

@@ -201,7 +201,7 @@ def test_keys_added_later_may_be_left_out_and_then_mean_what_they_meant_before(t
     del data["loss"]
     config = parse_config(data)
     assert config.schedule.lr_decay == "constant" and config.loss.min_snr_gamma == 0.0
-    assert config_to_dict(config)["loss"] == {"min_snr_gamma": 0.0}
+    assert config_to_dict(config)["loss"] == {"min_snr_gamma": 0.0, "object_weight": 1.0}
     with pytest.raises(ValueError, match=r"missing keys \['schedule.max_steps'\]"):  # required keys stay required
         del data["schedule"]["max_steps"]
         parse_config(data)

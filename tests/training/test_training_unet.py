@@ -3,6 +3,7 @@ sees at inference, CFG dropout trains the null embedding, the export loads."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -93,7 +94,7 @@ def test_cfg_dropout_trains_the_null_embedding():
     assert model.text_encoder.null_embedding.grad.abs().sum() == 0
 
 
-@pytest.mark.parametrize("mode", ["base", "inpainting", "min-snr-cosine"])
+@pytest.mark.parametrize("mode", ["base", "inpainting", "weighted-loss-cosine"])
 def test_unet_resume_continues_exactly(tmp_path, mode):
     """4 uninterrupted steps == 2 steps, checkpoint, new objects, resume, 2 steps: trained weights, EMA and
     optimizer state agree to 1e-6 (deterministic CPU kernels: measured exactly 0). Inpainting starts from
@@ -107,8 +108,8 @@ def test_unet_resume_continues_exactly(tmp_path, mode):
         extra = ["model.mode=inpainting", "model.unet.num_channels=9", f"model.init_unet={final}",
                  f"text.encoder_path={final}", "text.t5_config={}", "text.train_t5=false", "optim.name=lion",
                  "optim.lr=1e-4", "data.object_masks=0.5"]
-    if mode == "min-snr-cosine":  # the lr and the loss weights are pure functions of the step and the draws
-        extra = ["loss.min_snr_gamma=5", "schedule.lr_decay=cosine", "schedule.warmup_steps=1"]
+    if mode == "weighted-loss-cosine":  # the lr and the loss weights are pure functions of the step and the draws
+        extra = ["loss.min_snr_gamma=5", "loss.object_weight=5", "schedule.lr_decay=cosine", "schedule.warmup_steps=1"]
     # the uninterrupted run also writes a sample grid (EMA weights swapped in and out): training must not notice
     train_unet(unet_config(tmp_path / "straight", movq, "run.sample_interval=3", *extra), dataset=dataset())
     assert (tmp_path / "straight" / "samples" / "step_000003.png").is_file()
@@ -203,3 +204,45 @@ def test_min_snr_weights_damp_the_low_noise_steps_and_gamma_0_is_the_plain_mse()
         torch.testing.assert_close(loss, torch.stack(eps).mean())
         torch.testing.assert_close(damped(x0, ids, mask, t, noise, drop),
                                    (torch.stack(eps) * min_snr_weights(alphas, 5.0)[t]).mean())
+
+
+def test_object_pixel_weights_cover_every_drawn_pixel_and_keep_each_samples_mean():
+    """On 60 shapes images (64 px, 8x8 latents): every latent pixel an object's drawing touches weighs the most,
+    ``weight`` times the pixels no object reaches; each sample's map has mean 1; weight 1 is every pixel at 1."""
+    from kandinsky3.data.shapes import COLOURS, ShapesDataset
+    from kandinsky3.training.image_datasets import object_anchors
+    from kandinsky3.training.train_unet import object_pixel_weights
+
+    data = ShapesDataset(60, image_size=64, seed=3)
+    anchors = object_anchors(None, data)
+    maps = object_pixel_weights(anchors, 8, 8, 5.0)
+    assert maps.shape == (60, 1, 8, 8)
+    torch.testing.assert_close(maps.mean(dim=(1, 2, 3)), torch.ones(60))
+    for i, objects in enumerate(anchors):
+        image, _, scene = data.example(i)
+        drawn = torch.from_numpy((np.asarray(image) != np.array(COLOURS[scene.background])).any(-1))  # (64,64)
+        touched = torch.nn.functional.max_pool2d(drawn[None].float(), 8)[0] > 0  # (8,8) latent pixels
+        heavy, light = maps[i, 0].max(), maps[i, 0].min()
+        assert touched.any() and bool((maps[i, 0][touched] == heavy).all()), i
+        torch.testing.assert_close(heavy / light, torch.tensor(5.0))
+    assert (maps == maps.amax(dim=(2, 3), keepdim=True)).float().mean() < 0.3  # the boxes are the objects'
+    assert torch.equal(object_pixel_weights(anchors, 8, 8, 1.0), torch.ones(60, 1, 8, 8))
+
+
+def test_pixel_weights_weigh_the_loss_inside_each_sample():
+    """With pixel weights the loss is each sample's weighted mean of (ε − ε̂)²: all-ones weights give the plain
+    loss, and a map that is 1 on one pixel column and 0 elsewhere (times the width) counts that column alone."""
+    model = _model()
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ids, mask = torch.tensor([[5, 6, 1]] * 2), torch.ones(2, 3, dtype=torch.long)
+    t, drop = torch.tensor([100, 700]), torch.zeros(2, dtype=torch.bool)
+    column = torch.zeros(2, 1, 8, 8)
+    column[..., 3] = 8.0
+    with torch.no_grad():
+        plain = model(x0, ids, mask, t, noise, drop)
+        torch.testing.assert_close(model(x0, ids, mask, t, noise, drop, None, torch.ones(2, 1, 8, 8)), plain)
+        context, cmask = training_conditions(model.text_encoder, ids, mask, drop)
+        from kandinsky3.diffusion.schedule import q_sample
+        eps = model.unet(q_sample(x0, noise, t, model.alphas_cumprod), t, context, cmask)
+        expected = (eps - noise)[..., 3].square().mean()
+        torch.testing.assert_close(model(x0, ids, mask, t, noise, drop, None, column), expected)
