@@ -207,6 +207,24 @@ def test_keys_added_later_may_be_left_out_and_then_mean_what_they_meant_before(t
         parse_config(data)
 
 
+def test_the_object_weighted_loss_needs_the_shapes_dataset_and_a_positive_weight(tmp_path):
+    config = json.loads((CONFIGS / "small_unet.json").read_text())
+    config["data"].update(dataset="folder", data_root=str(tmp_path))
+    config["loss"]["object_weight"] = 5
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="object_weight needs dataset='shapes'"):
+        load_config(path)
+    config["data"]["dataset"] = "shapes"
+    config["loss"]["object_weight"] = 0
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"object_weight must be > 0"):
+        load_config(path)
+    config["loss"]["object_weight"] = 5
+    path.write_text(json.dumps(config))
+    assert load_config(path).loss.object_weight == 5
+
+
 def test_fused_adamw_takes_the_same_steps_as_the_reference_loop():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))

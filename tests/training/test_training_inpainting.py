@@ -133,23 +133,6 @@ def test_object_masks_need_the_shapes_dataset(tmp_path):
         load_config(path)
 
 
-def test_the_object_weighted_loss_needs_the_shapes_dataset_and_a_positive_weight(tmp_path):
-    config = json.loads(Path("configs/small_unet.json").read_text())
-    config["data"].update(dataset="folder", data_root=str(tmp_path))
-    config["loss"]["object_weight"] = 5
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="object_weight needs dataset='shapes'"):
-        load_config(path)
-    config["data"]["dataset"] = "shapes"
-    config["loss"]["object_weight"] = 0
-    path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"object_weight must be > 0"):
-        load_config(path)
-    config["loss"]["object_weight"] = 5
-    path.write_text(json.dumps(config))
-    assert load_config(path).loss.object_weight == 5
-
 
 def test_glide_init_reproduces_the_base_model_whatever_the_extra_channels():
     """Zero weights on the 5 new input channels: the 9-channel model's ε equals the base model's for any
