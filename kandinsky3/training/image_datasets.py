@@ -225,7 +225,6 @@ def object_anchors(data: DataConfig, dataset: Dataset | None = None) -> list[tup
     source = dataset if dataset is not None else build_dataset(data)
     placements = getattr(source, "placements", None)
     if not callable(placements):
-        raise UsageError(f"data.object_masks and loss.object_weight need a dataset that says where its objects are "
-                         f"(placements(i)); "
-                         f"{type(source).__name__} does not")
+        raise UsageError("data.object_masks and loss.object_weight need a dataset that says where its objects are "
+                         f"(placements(i)); {type(source).__name__} does not")
     return [tuple((p.x, p.y, p.r) for p in placements(i)) for i in range(len(source))]

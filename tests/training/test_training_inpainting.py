@@ -133,7 +133,6 @@ def test_object_masks_need_the_shapes_dataset(tmp_path):
         load_config(path)
 
 
-
 def test_glide_init_reproduces_the_base_model_whatever_the_extra_channels():
     """Zero weights on the 5 new input channels: the 9-channel model's ε equals the base model's for any
     extra input (only the conv's summation order differs: 1e-5)."""
