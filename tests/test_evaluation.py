@@ -16,8 +16,8 @@ from kandinsky3.data.shapes import (
     render,
     render_array,
 )
-from kandinsky3.evaluation import (SCORE_KEYS, analyze, evaluate, inpainting_score, label_components, score,
-                                   wilson_interval)
+from kandinsky3.evaluation import (SCORE_KEYS, analyze, evaluate, inpainting_score, label_components,
+                                   movq_round_trip, score, wilson_interval)
 
 
 def _rendered(n, split, image_size=64, seed=0):
@@ -252,3 +252,30 @@ def test_evaluate_inpainting_reports_the_pipelines_paste_back_and_the_raw_output
     assert report["outside_mad"] == 0.0 and report["before_paste_back"]["outside_mad"] > 0.0
     with pytest.raises(ValueError, match="paste_back"):
         evaluate_inpainting(pipe, num_prompts=1, paste_back=False)
+
+
+class _PoolingAutoencoder(torch.nn.Module):
+    """Stands in for a MoVQ: average-pools by ``factor`` and upsamples back (factor 1: a perfect round trip)."""
+
+    def __init__(self, factor: int, resolution: int = 64):
+        super().__init__()
+        self.factor = factor
+        self.config = type("Config", (), {"resolution": resolution})()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # where movq_round_trip reads device and dtype
+
+    def encode(self, x):
+        return torch.nn.functional.avg_pool2d(x, self.factor)
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(z, scale_factor=self.factor, mode="nearest")
+
+
+def test_movq_round_trip_reads_every_scene_right_through_a_perfect_autoencoder_and_fewer_through_a_coarse_one():
+    perfect = movq_round_trip(_PoolingAutoencoder(1), 30, prompt_seed=5, batch_size=8)  # 8 does not divide 30
+    for split in ("seen", "heldout"):
+        for key in SCORE_KEYS:  # each prompt checked against its own scene: a mismatched batch would fail here
+            assert perfect[split][key] in (1.0, None), (split, key, perfect[split][key])
+        assert perfect[split]["num_prompts"] == 30 and "records" not in perfect[split]
+    coarse = movq_round_trip(_PoolingAutoencoder(8), 30, prompt_seed=5, keep_records=True)
+    assert coarse["seen"]["colour_shape"] < 0.5  # 8x8-pixel blocks at 64 px: most shapes are lost
+    assert len(coarse["seen"]["records"]) == 30
