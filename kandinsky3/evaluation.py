@@ -20,7 +20,8 @@ The model-card figures (``kandinsky3 eval``) come from running a pipeline over t
 :func:`evaluate_text_to_image` (prompts of the "seen" and "heldout" splits; held-out colour×shape pairs never occur
 in training), :func:`movq_psnr` (reconstruction PSNR on evaluation images) and :func:`evaluate_inpainting` (a
 one-object scene rendered without its object, the object's region masked and its caption the prompt: the object
-must appear inside the mask and the kept pixels must be unchanged).
+must appear inside the mask and the kept pixels must be unchanged). :func:`movq_round_trip` reads the evaluation
+prompts' own scenes after an encode → decode round trip: what the MoVQ lets a pipeline draw at best.
 """
 
 from __future__ import annotations
