@@ -21,7 +21,7 @@ The model-card figures (``kandinsky3 eval``) come from running a pipeline over t
 in training), :func:`movq_psnr` (reconstruction PSNR on evaluation images) and :func:`evaluate_inpainting` (a
 one-object scene rendered without its object, the object's region masked and its caption the prompt: the object
 must appear inside the mask and the kept pixels must be unchanged). :func:`movq_round_trip` reads the evaluation
-prompts' own scenes after an encode → decode round trip: what the MoVQ lets a pipeline draw at best.
+prompts' own scenes after an encode → decode round trip: how well the MoVQ renders the encoder's own latents.
 """
 
 from __future__ import annotations
@@ -449,10 +449,11 @@ def movq_psnr(movq: torch.nn.Module, num_images: int = 200, *, image_size: int |
 def movq_round_trip(movq: torch.nn.Module, num_prompts: int = 200, *, prompt_seed: int = 1234,
                     image_size: int | None = None, batch_size: int = 25,
                     keep_records: bool = False) -> dict[str, dict]:
-    """What the MoVQ lets a pipeline draw at best: each evaluation prompt's own scene, rendered (placement jitter
-    drawn per prompt), encoded, decoded and read like a generated image. A U-Net that sampled the encoder's latents
-    exactly would score this, so it bounds :func:`evaluate_text_to_image` up to how the decoder renders latents
-    the encoder never makes. Same reports ({"seen": ..., "heldout": ...}), prompts and ``prompt_seed``."""
+    """How well the MoVQ renders the encoder's own latents: each evaluation prompt's own scene, rendered (placement
+    jitter drawn per prompt), encoded, decoded and read like a generated image; same reports ({"seen": ...,
+    "heldout": ...}), prompts and ``prompt_seed`` as :func:`evaluate_text_to_image`. Not a bound on a pipeline's
+    figures: a U-Net samples latents the encoder never makes, which the decoder may render better or worse
+    (``benchmarks/movq_ceiling.py`` pairs the two prompt by prompt)."""
     size = image_size or movq.config.resolution
     device, dtype = next(movq.parameters()).device, compute_dtype(movq)
     reports = {}
