@@ -59,8 +59,7 @@ from .lowmem.storage import compute_dtype
 __all__ = [
     "DetectedObject", "SCORE_KEYS", "analyze", "estimate_background", "evaluate", "inpainting_score",
     "label_components", "score", "to_rgb_array", "evaluate_text_to_image", "movq_psnr", "movq_round_trip",
-    "evaluate_inpainting",
-    "wilson_interval",
+    "evaluate_inpainting", "wilson_interval",
 ]
 
 FOREGROUND_THRESHOLD = 40.0  # RGB distance from the background; the closest object/background pair is ~100
@@ -453,7 +452,7 @@ def movq_round_trip(movq: torch.nn.Module, num_prompts: int = 200, *, prompt_see
     jitter drawn per prompt), encoded, decoded and read like a generated image; same reports ({"seen": ...,
     "heldout": ...}), prompts and ``prompt_seed`` as :func:`evaluate_text_to_image`. Not a bound on a pipeline's
     figures: a U-Net samples latents the encoder never makes, which the decoder may render better or worse
-    (``benchmarks/movq_ceiling.py`` pairs the two prompt by prompt)."""
+    (``benchmarks/movq_round_trip.py`` pairs the two prompt by prompt)."""
     size = image_size or movq.config.resolution
     device, dtype = next(movq.parameters()).device, compute_dtype(movq)
     reports = {}

@@ -1,19 +1,19 @@
-"""The MoVQ's ceiling on prompt adherence, for MoVQ runs paired against the bundled small model's MoVQ.
+"""The MoVQ's round trip read for prompt adherence, MoVQ runs paired against the bundled small model's MoVQ.
 
-    python benchmarks/movq_ceiling.py runs/small_movq/final                # prompt seeds 7 and 99, 200 per split
-    python benchmarks/movq_ceiling.py runs/a/final runs/b/final --prompt-seeds 7 99 1234
+    python benchmarks/movq_round_trip.py runs/small_movq/final           # prompt seeds 7 and 99, 200 per split
+    python benchmarks/movq_round_trip.py runs/a/final runs/b/final --prompt-seeds 7 99 1234
 
 Each evaluation prompt's own scene is rendered, encoded, decoded and read by the object reader
-(:func:`kandinsky3.evaluation.movq_round_trip`): what a U-Net that sampled the encoder's latents exactly would score.
+(:func:`kandinsky3.evaluation.movq_round_trip`): how well the decoder renders the encoder's own latents.
 Every MoVQ reads the same renders as the reference (the bundled model's MoVQ, measured in the same run), so each
 prompt is a pair: + counts the prompts a MoVQ reads right that the reference misreads, − the reverse, with the
 sign test's p-value (``guidance_paired.py``). The last column is the reconstruction PSNR of ``kandinsky3 eval``
 (:func:`~kandinsky3.evaluation.movq_psnr`). A folder is anything holding a MoVQ: a MoVQ run's ``final/``, a model
-folder, a MoVQ folder. CPU fp32; ~1 min per MoVQ and prompt seed at the bundled size.
+folder, a MoVQ folder. CPU fp32; ~30 s per MoVQ and prompt seed at the bundled size.
 
 ``--with-model`` also generates the bundled model's own images for the same prompts (as ``kandinsky3 eval`` does,
-~2.5 min per prompt seed) and counts, prompt by prompt, which misses the round trip through its MoVQ shares with
-them: if the model's misses were the MoVQ's, it would miss where the round trip does.
+~2 min per prompt seed) and counts, prompt by prompt, which misses the round trip through its MoVQ shares with
+them: if the MoVQ were what held the model back, the model would miss where the round trip does.
 """
 
 from __future__ import annotations
