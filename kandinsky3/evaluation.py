@@ -417,11 +417,20 @@ def evaluate_text_to_image(pipe, num_prompts: int = 200, *, seed: int = 0, batch
     def generate(prompts: list[str], batch_seed: int) -> list[Image.Image]:
         return pipe(prompts, width=width, height=height, seed=batch_seed * 1000, progress=False, **call_kwargs)
 
+    return _evaluate_splits(lambda split, prompts: generate, num_prompts, prompt_seed, seed=seed,
+                            batch_size=batch_size, progress=progress, keep_records=keep_records, desc="text-to-image")
+
+
+def _evaluate_splits(make_fn: Callable[[str, list], Callable[[list[str], int], list]], num_prompts: int,
+                     prompt_seed: int, *, seed: int = 0, batch_size: int = 25, progress: bool = False,
+                     keep_records: bool = False, desc: str = "evaluating") -> dict[str, dict]:
+    """:func:`evaluate` over each split's evaluation prompts, with the generation function ``make_fn(split,
+    prompts)`` builds for them; {"seen": report, "heldout": report}, without ``records`` unless ``keep_records``."""
     reports = {}
     for split in ("seen", "heldout"):
         prompts = eval_prompts(num_prompts, split, seed=prompt_seed)
-        report = evaluate(generate, prompts, batch_size=batch_size, seed=seed,
-                          progress=progress, desc=f"text-to-image, {split} prompts")
+        report = evaluate(make_fn(split, prompts), prompts, batch_size=batch_size, seed=seed,
+                          progress=progress, desc=f"{desc}, {split} prompts")
         if not keep_records:
             report.pop("records")
         reports[split] = report
@@ -455,24 +464,21 @@ def movq_round_trip(movq: torch.nn.Module, num_prompts: int = 200, *, prompt_see
     (``benchmarks/movq_round_trip.py`` pairs the two prompt by prompt)."""
     size = image_size or movq.config.resolution
     device, dtype = next(movq.parameters()).device, compute_dtype(movq)
-    reports = {}
-    for split_index, split in enumerate(("seen", "heldout")):
-        prompts = eval_prompts(num_prompts, split, seed=prompt_seed)
 
+    def make_fn(split: str, prompts: list) -> Callable[[list[str], int], list[Image.Image]]:
         def round_trip(texts: list[str], batch: int) -> list[Image.Image]:
             first = batch * batch_size  # evaluate() hands batch b the prompts from b·batch_size on, with seed b
             scenes = [scene for _, scene in prompts[first : first + len(texts)]]
-            rngs = [np.random.default_rng((prompt_seed, split_index, first + i)) for i in range(len(scenes))]
+            rngs = [np.random.default_rng((prompt_seed, int(split == "heldout"), first + i)) for i in range(len(scenes))]
             x = torch.stack([image_to_tensor(render(s, size, rng)) for s, rng in zip(scenes, rngs)]).to(device, dtype)
             with torch.inference_mode():
                 recon = movq.decode(movq.encode(x)).float().cpu()
             return [tensor_to_image(image) for image in recon]
 
-        report = evaluate(round_trip, prompts, batch_size=batch_size, seed=0)
-        if not keep_records:
-            report.pop("records")
-        reports[split] = report
-    return reports
+        return round_trip
+
+    return _evaluate_splits(make_fn, num_prompts, prompt_seed, batch_size=batch_size, keep_records=keep_records,
+                            desc="MoVQ round trip")
 
 
 def _inpainting_case(caption: str, scene: Scene, image_size: int) -> tuple[str, Image.Image, np.ndarray]:
