@@ -469,7 +469,8 @@ def movq_round_trip(movq: torch.nn.Module, num_prompts: int = 200, *, prompt_see
         def round_trip(texts: list[str], batch: int) -> list[Image.Image]:
             first = batch * batch_size  # evaluate() hands batch b the prompts from b·batch_size on, with seed b
             scenes = [scene for _, scene in prompts[first : first + len(texts)]]
-            rngs = [np.random.default_rng((prompt_seed, int(split == "heldout"), first + i)) for i in range(len(scenes))]
+            stream = (prompt_seed, int(split == "heldout"))
+            rngs = [np.random.default_rng((*stream, first + i)) for i in range(len(scenes))]
             x = torch.stack([image_to_tensor(render(s, size, rng)) for s, rng in zip(scenes, rngs)]).to(device, dtype)
             with torch.inference_mode():
                 recon = movq.decode(movq.encode(x)).float().cpu()
