@@ -104,6 +104,9 @@ CENTER_THRESHOLD = 0.13  # max(|dx|, |dy|) below → "center"
 # ------------------------------------------------------------------------------------------- caption grammar
 
 P_SIZE, P_POSITION, P_BACKGROUND, P_AND = 0.5, 0.6, 0.4, 0.4
+#: object order of an "X and Y" caption that states no positions: "any" (the scene's order, so either object may
+#: be on either side) or "reading" (the left or top object first)
+AND_ORDERS = ("any", "reading")
 PREFIXES = ("", "a picture of", "an image of", "a drawing of")
 PREFIX_WEIGHTS = (0.55, 0.15, 0.15, 0.15)
 _PREFIX_CUMULATIVE = tuple(itertools.accumulate(PREFIX_WEIGHTS))
@@ -352,16 +355,22 @@ def _object_phrase(obj: ShapeSpec, size: str | None) -> str:
     return " ".join([_article(words[0])] + words)
 
 
-def caption_with_spec(scene: Scene, rng: np.random.Generator) -> tuple[str, Scene]:
+def caption_with_spec(scene: Scene, rng: np.random.Generator, and_order: str = "any") -> tuple[str, Scene]:
     """Random caption of a complete ``scene`` and the spec it states (unstated attributes None).
 
     ``parse_caption(text) == spec`` holds for every output. Relation captions ("X above Y") state the
-    relation, not per-object positions; an "and" caption states both positions or neither.
+    relation, not per-object positions; an "and" caption states both positions or neither. With
+    ``and_order="reading"`` an "and" caption that states neither names the left or top object first; the draws
+    are the same either way.
     """
     check_scene(scene)
+    _check_choice("and_order", and_order, AND_ORDERS, complete=True)
     say_positions = rng.random() < P_POSITION and scene.relation in (None, "and")
+    objects = scene.objects
+    if and_order == "reading" and scene.relation == "and" and not say_positions:
+        objects = tuple(sorted(objects, key=lambda obj: obj.position not in ("left", "top")))
     parts, stated = [], []
-    for obj in scene.objects:
+    for obj in objects:
         size = obj.size if rng.random() < P_SIZE else None
         position = obj.position if say_positions else None
         phrase = _object_phrase(obj, size)
@@ -379,9 +388,9 @@ def caption_with_spec(scene: Scene, rng: np.random.Generator) -> tuple[str, Scen
     return text, Scene(objects=tuple(stated), background=background, relation=scene.relation)
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
+def caption(scene: Scene, rng: np.random.Generator, and_order: str = "any") -> str:
     """Random caption of a complete ``scene``; see :func:`caption_with_spec` and ``docs/captions.md``."""
-    return caption_with_spec(scene, rng)[0]
+    return caption_with_spec(scene, rng, and_order)[0]
 
 
 def _phrase_table() -> dict[str, list[tuple[tuple[str, ...], str]]]:
@@ -484,11 +493,12 @@ class ShapesDataset(torch.utils.data.Dataset):
     ``dataset[i]`` is ``(image, caption)``: a float32 (3, image_size, image_size) tensor in [-1, 1]
     and a str. Item i depends only on (seed, split, i). ``and_captions`` is the share of two-object scenes
     captioned "X and Y" rather than by their relation ("X above Y"): a training-only caption mix, which changes
-    captions and never images (:func:`sample_scene`), so cached latents stay valid.
+    captions and never images (:func:`sample_scene`), so cached latents stay valid; so is ``and_order``, the
+    object order of the "X and Y" captions that state no positions (:func:`caption_with_spec`).
     """
 
     def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0, split: str = "train",
-                 and_captions: float = P_AND):
+                 and_captions: float = P_AND, and_order: str = "any"):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not isinstance(seed, int) or seed < 0:
@@ -497,8 +507,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         _check_split(split)
         if not isinstance(and_captions, (int, float)) or not 0.0 <= and_captions <= 1.0:
             raise ValueError(f"and_captions must be a share in [0, 1], got {and_captions!r}")
+        _check_choice("and_order", and_order, AND_ORDERS, complete=True)
         self.num_samples, self.image_size, self.seed, self.split = num_samples, image_size, seed, split
-        self.and_captions = float(and_captions)
+        self.and_captions, self.and_order = float(and_captions), and_order
 
     def __len__(self) -> int:
         return self.num_samples
@@ -517,7 +528,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = self._rng(index)
         scene = sample_scene(rng, self.split, self.and_captions)
         layout(scene, rng)  # the same draws render_array makes before the caption's
-        return caption(scene, rng)
+        return caption(scene, rng, self.and_order)
 
     def placements(self, index: int) -> tuple[Placement, ...]:
         """Where item ``index``'s objects are drawn (anchor and scale, fractions of the side), without rendering."""
@@ -528,7 +539,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = self._rng(index)
         scene = sample_scene(rng, self.split, self.and_captions)
         array = render_array(scene, self.image_size, rng)
-        return array, caption(scene, rng), scene
+        return array, caption(scene, rng, self.and_order), scene
 
     def example(self, index: int) -> tuple[Image.Image, str, Scene]:
         """Item ``index`` as (PIL image, caption, ground-truth scene)."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.shapes import P_AND
+from ..data.shapes import AND_ORDERS, P_AND
 from ..models.movq import MoVQConfig
 from ..models.unet_config import UNetConfig
 from .ema import WARMUP_POWER
@@ -123,6 +123,9 @@ class DataConfig:
     # default is the caption grammar's own, which the evaluation prompts keep. Captions only: the images, and so
     # a latent cache, do not change with it
     and_captions: float = P_AND
+    # shapes: object order of the "X and Y" captions that state no positions: "any" (either object may be on
+    # either side) or "reading" (the left or top one first, so the caption fixes the layout). Captions only
+    and_order: str = "any"
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, ("shapes", "folder"))
@@ -133,6 +136,9 @@ class DataConfig:
             raise ValueError(f"data.and_captions must be in [0, 1], got {self.and_captions}")
         if self.dataset != "shapes" and self.and_captions != P_AND:
             raise ValueError("data.and_captions sets the shapes set's captions; a folder dataset has its own")
+        _choice("data.and_order", self.and_order, AND_ORDERS)
+        if self.dataset != "shapes" and self.and_order != "any":
+            raise ValueError("data.and_order sets the shapes set's captions; a folder dataset has its own")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -125,7 +125,7 @@ def build_dataset(data: DataConfig) -> Dataset:
     from ..data.shapes import ShapesDataset
 
     return ShapesDataset(data.num_samples, image_size=data.image_size, seed=data.data_seed,
-                         and_captions=data.and_captions)
+                         and_captions=data.and_captions, and_order=data.and_order)
 
 
 def dataset_captions(dataset: Dataset) -> list[str]:

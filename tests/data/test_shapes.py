@@ -85,6 +85,37 @@ def test_and_captions_changes_captions_only_and_the_evaluation_prompts_not_at_al
             ShapesDataset(10, and_captions=bad)
 
 
+def test_and_order_reading_names_the_left_or_top_object_first_and_changes_nothing_else():
+    """``and_order="reading"``: an "X and Y" caption that states no positions lists the left (or top) object
+    first, so the caption fixes the layout; every other caption, every image and every stated spec stays true."""
+    n = 600
+    anyorder, reading = ShapesDataset(n, seed=2), ShapesDataset(n, seed=2, and_order="reading")
+    assert anyorder.and_order == "any"
+    reordered = 0
+    for i in range(n):
+        scene, text = reading.scene(i), reading.caption(i)
+        assert scene == anyorder.scene(i)  # the same scenes (and so images)
+        spec = parse_caption(text)
+        unstated_and = spec.relation == "and" and spec.objects[0].position is None
+        if not unstated_and:
+            assert text == anyorder.caption(i)  # one object, a relation, or "and" with positions: untouched
+            continue
+        by_pair = {(o.colour, o.shape): o.position for o in scene.objects}
+        first, second = (by_pair[(o.colour, o.shape)] for o in spec.objects)
+        assert first in ("left", "top") and second in ("right", "bottom")
+        for stated in spec.objects:  # a stated size is still the named object's own
+            own = next(o for o in scene.objects if (o.colour, o.shape) == (stated.colour, stated.shape))
+            assert stated.size in (None, own.size)
+        reordered += text != anyorder.caption(i)
+    assert reordered > 10  # about half of the unstated "and" captions had the right or bottom object first
+    for i in range(0, n, 60):
+        assert torch.equal(anyorder[i][0], reading[i][0]) and reading[i][1] == reading.caption(i)
+    with pytest.raises(ValueError, match="and_order"):
+        ShapesDataset(10, and_order="sorted")
+    with pytest.raises(ValueError, match="and_order"):
+        caption(sample_scene(np.random.default_rng(0)), np.random.default_rng(0), and_order="left")
+
+
 def test_scene_method_is_the_scene_behind_the_item():
     dataset = ShapesDataset(50, seed=1)
     for i in range(50):
