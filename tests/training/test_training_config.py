@@ -96,8 +96,8 @@ def test_config_validation_names_the_problem(tmp_path):
     assert unet_config(tmp_path, tmp_path).data.and_order == "any"
     with pytest.raises(ValueError, match="data.and_order must be one of"):
         unet_config(tmp_path, tmp_path, "data.and_order=sorted")
-    with pytest.raises(ValueError, match="a folder dataset has its own"):
-        unet_config(tmp_path, tmp_path, "data.dataset=folder", "data.data_root=x", "data.and_order=reading")
+    folder = unet_config(tmp_path, tmp_path, "data.dataset=folder", "data.data_root=x", "data.and_order=reading")
+    assert folder.data.and_order == "reading"  # a shapes config pointed at a folder: its captions are the folder's
 
 
 def test_overrides_parse_json_and_reach_into_model_dicts(tmp_path):
